@@ -1,0 +1,59 @@
+"""Executor interface: the bridge between the driver (engine) and the workers (one per rank)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+
+from shardserve.config import EngineConfig
+from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+
+
+class WorkerError(RuntimeError):
+    """A worker died, stopped answering or raised; the message names the rank and the cause."""
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.num_blocks = 0
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Batches the engine may keep in flight: one per pipeline stage."""
+        return self.config.parallel.pipeline_parallel_size
+
+    def start(self) -> int:
+        """Bring every rank up, size the KV cache (the minimum over ranks wins) and return its block count."""
+        self.collective_rpc("init_device")
+        self.collective_rpc("load_model")
+        self.num_blocks = min(self.collective_rpc("num_available_blocks"))
+        if self.num_blocks < 1:
+            raise ValueError("no memory left for the KV cache; set kv_cache_memory (bytes) or free memory")
+        self.collective_rpc("init_cache", self.num_blocks)
+        return self.num_blocks
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args) -> list:
+        """Call Worker.<method>(*args) on every rank; results in rank order."""
+
+    @abstractmethod
+    def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        """Start one step on every rank; the future resolves to the last stage's sampled tokens."""
+
+    def check_health(self) -> None:
+        self.collective_rpc("check_health")
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every worker and release what the launch created; safe to call twice."""
+
+
+def create_executor(config: EngineConfig) -> Executor:
+    backend = config.parallel.backend
+    if backend == "uni":
+        from shardserve.executor.uniproc import UniProcExecutor
+        return UniProcExecutor(config)
+    if backend == "mp":
+        from shardserve.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config)
+    raise ValueError(f"distributed_executor_backend {backend!r} is not available yet; use 'uni' or 'mp'")

@@ -1,0 +1,58 @@
+"""The main loop of a worker process: take RPCs from the driver, answer, exit with the driver."""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+
+
+def die_with_parent() -> None:
+    """Never outlive the driver: PR_SET_PDEATHSIG, plus a watchdog for when that is not enough."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
+def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str]) -> None:
+    """Runs in the spawned process. Commands arrive on the shared-memory broadcast queue, each
+    pickle((method, args)); replies go back on `conn`: ("ok", result) or ("error", traceback text).
+    execute_model answers only where it returns something (the output rank)."""
+    os.environ.update(env)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the driver decides when we stop
+    from shardserve.executor.shm_queue import BroadcastReader
+    from shardserve.worker.worker import Worker          # after the environment is in place
+
+    commands = BroadcastReader(queue_handle)
+    worker = Worker(config, dist_init)
+    while True:
+        method, args = pickle.loads(commands.read())
+        try:
+            result = getattr(worker, method)(*args)
+        except BaseException:
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+            break
+        if method != "execute_model" or result is not None:
+            conn.send_bytes(pickle.dumps(("ok", result)))
+        if method == "shutdown":
+            break
+    try:
+        worker.shutdown()
+        commands.close()
+    except Exception:
+        pass
+    os._exit(0)

@@ -1,0 +1,87 @@
+"""ForwardBatch: everything one forward pass needs to know about the batch, built once per step.
+
+Tokens are laid out decode-first: the first `num_decode` tokens are single-token decode steps (one per
+sequence), then each prefill chunk in turn. KV slots are flat indices: block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSegment:
+    start: int                          # first token of this chunk within the batch
+    length: int                         # tokens in the chunk
+    context_len: int                    # tokens attended to: cached prefix + this chunk
+    context_slots: torch.Tensor | None  # [context_len] KV slots, None when the chunk is the whole context
+    mask: torch.Tensor | None           # [length, context_len] bool causal mask over the context
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor             # [T] long
+    positions: torch.Tensor             # [T] long
+    slot_mapping: torch.Tensor          # [T] long: where each token's K/V is written
+    num_decode: int                     # B: the first B tokens are decode tokens
+    decode_slots: torch.Tensor | None   # [B, L] KV slots of each decode sequence's context (padded)
+    decode_mask: torch.Tensor | None    # [B, 1, 1, L] bool, True where the slot is real
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    logits_indices: torch.Tensor | None = None   # [S] rows whose hidden states are sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of a step: `token_ids` at positions [start, start + len)."""
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    sample: bool                        # this chunk ends at the sequence's last known token
+
+
+def build_forward_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> ForwardBatch:
+    """Chunks must be ordered decode-first (len 1 with start > 0 before any prefill chunk)."""
+    ids, pos, slots, logits_rows = [], [], [], []
+    decode_ctx: list[list[int]] = []
+    prefills: list[PrefillSegment] = []
+    for chunk in chunks:
+        n, start = len(chunk.token_ids), chunk.start
+        first = len(ids)
+        ids += chunk.token_ids
+        pos += range(start, start + n)
+        ctx_slots = [_slot(chunk.block_ids, p, block_size) for p in range(start + n)]
+        slots += ctx_slots[start:]
+        if chunk.sample:
+            logits_rows.append(first + n - 1)
+        if n == 1 and start > 0 and not prefills:
+            decode_ctx.append(ctx_slots)
+        else:
+            prefills.append(_prefill_segment(first, n, start, ctx_slots, device))
+    decode_slots = decode_mask = None
+    if decode_ctx:
+        width = max(len(c) for c in decode_ctx)
+        decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx], dtype=torch.long)
+        lengths = torch.tensor([len(c) for c in decode_ctx])
+        decode_mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
+        decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+    return ForwardBatch(as_long(ids), as_long(pos), as_long(slots), len(decode_ctx), decode_slots, decode_mask,
+                        prefills, as_long(logits_rows))
+
+
+def _slot(block_ids: list[int], position: int, block_size: int) -> int:
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
+def _prefill_segment(first: int, n: int, start: int, ctx_slots: list[int], device) -> PrefillSegment:
+    if start == 0:
+        return PrefillSegment(first, n, n, None, None)
+    ctx = start + n
+    # query i sits at position start + i and sees keys 0 .. start + i
+    mask = torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
+    return PrefillSegment(first, n, ctx, torch.tensor(ctx_slots, dtype=torch.long, device=device), mask.to(device))

@@ -1,0 +1,66 @@
+"""Vocab-parallel embedding and LM head: each TP rank owns a contiguous slice of the (padded) vocab."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardserve.distributed.comm import all_gather, all_reduce
+from shardserve.distributed.parallel_state import ParallelGroup
+from shardserve.model.layers.linear import LinearBase, copy_into
+
+
+class VocabShard:
+    """Rank r owns token ids [start, end); every shard has `padded` rows so all-gathers line up."""
+
+    def __init__(self, vocab_size: int, tp: ParallelGroup):
+        self.vocab_size = vocab_size
+        self.padded = math.ceil(vocab_size / tp.size)              # rows per rank, padding included
+        self.start = min(tp.rank_in_group * self.padded, vocab_size)
+        self.end = min(self.start + self.padded, vocab_size)
+        self.size = self.end - self.start                          # real rows on this rank (may be < padded)
+
+    def load(self, param: torch.Tensor, loaded) -> None:
+        param.data.zero_()                                         # padding rows stay zero
+        if self.size:
+            copy_into(param.data.narrow(0, 0, self.size), loaded.narrow(0, self.start, self.size))
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
+        super().__init__()
+        self.tp, self.shard = tp, VocabShard(vocab_size, tp)
+        self.weight = nn.Parameter(torch.empty(self.shard.padded, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = lambda param, loaded, shard_id=None: self.shard.load(param, loaded)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden]; ids outside this rank's slice contribute zeros to the all-reduce."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.shard.start
+        mine = (local >= 0) & (local < self.shard.size)
+        out = F.embedding(torch.where(mine, local, 0), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        return all_reduce(out, self.tp)
+
+
+class ParallelLMHead(LinearBase):
+    """hidden -> logits over the vocab: local logits [N, padded], all-gathered, padding trimmed."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
+        self.tp, self.shard = tp, VocabShard(vocab_size, tp)
+        super().__init__(hidden_size, self.shard.padded, False, dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        self.shard.load(param, loaded)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.matmul(hidden, None)                          # [N, padded]
+        if self.tp.size > 1:
+            # Shards are contiguous and only the tail carries padding, so the real vocab comes first.
+            logits = all_gather(logits, self.tp, dim=-1)[:, : self.shard.vocab_size]   # [N, vocab]
+        elif self.shard.padded != self.shard.vocab_size:
+            logits = logits[:, : self.shard.vocab_size]
+        return logits

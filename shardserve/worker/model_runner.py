@@ -1,0 +1,109 @@
+"""ModelRunner: turns a SchedulerOutput into a forward pass over this rank's shard, and samples on the last stage.
+
+It keeps a small state per request (tokens, block table, sampling settings), filled from the full data
+the first time and from per-step deltas after. Every rank updates that state only from SchedulerOutputs,
+so all stages agree on the tokens even though only the last stage samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from shardserve.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
+from shardserve.model.layers.attention import PagedAttention
+from shardserve.model.layers.sampler import SampleRequest, sample
+from shardserve.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    block_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, dtype: torch.dtype,
+                 eos_token_ids: tuple[int, ...]):
+        self.model, self.block_size, self.device, self.dtype = model, block_size, device, dtype
+        self.eos_token_ids = eos_token_ids
+        self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        self.requests: dict[str, RequestState] = {}
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
+        return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
+
+    def init_cache(self, num_blocks: int) -> None:
+        """One K and one V tensor per owned layer: [num_blocks * block_size, kv_heads_local, head_dim]."""
+        slots = num_blocks * self.block_size
+        for attn in self.attn_layers:
+            attn.k_cache = torch.zeros(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros_like(attn.k_cache)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, intermediate: dict[str, torch.Tensor] | None,
+                sample_here: bool) -> ModelRunnerOutput | dict[str, torch.Tensor]:
+        """Runs this stage's layers. Returns the hand-off dict (not last stage) or sampled tokens."""
+        computed = self._update_states(sched)
+        batch, sample_ids = self._prepare(sched, computed)
+        out = self.model(batch, intermediate)
+        if isinstance(out, dict):
+            return out
+        result = ModelRunnerOutput(step_id=sched.step_id)
+        if not sample_ids:
+            return result
+        logits = self.model.compute_logits(out[batch.logits_indices])      # [S, vocab], same on all TP ranks
+        if not sample_here:
+            return result
+        reqs = [self.requests[i] for i in sample_ids]
+        sampled = sample(logits, [SampleRequest(r.params, r.seed, r.prompt_token_ids, r.output_token_ids)
+                                  for r in reqs], self.eos_token_ids)
+        for req_id, token, lp in zip(sample_ids, sampled.token_ids, sampled.logprobs):
+            result.sampled_token_ids[req_id] = token
+            if lp is not None:
+                result.logprobs[req_id] = lp
+        return result
+
+    def _update_states(self, sched: SchedulerOutput) -> dict[str, int]:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        computed: dict[str, int] = {}
+        for new in sched.new_requests:
+            self.requests[new.req_id] = RequestState(list(new.prompt_token_ids), list(new.output_token_ids),
+                                                     new.sampling_params, new.seed, list(new.block_ids))
+            computed[new.req_id] = new.num_computed_tokens
+        for cached in sched.cached_requests:
+            state = self.requests[cached.req_id]
+            state.output_token_ids += cached.new_token_ids
+            state.block_ids += cached.new_block_ids
+            computed[cached.req_id] = cached.num_computed_tokens
+        return computed
+
+    def _prepare(self, sched: SchedulerOutput, computed: dict[str, int]) -> tuple[ForwardBatch, list[str]]:
+        decode, prefill = [], []
+        for req_id, n in sched.num_scheduled_tokens.items():
+            state, start = self.requests[req_id], computed[req_id]
+            end = start + n
+            chunk = SeqChunk(state.tokens(start, end), start, state.block_ids, end == state.num_tokens)
+            (decode if n == 1 and start > 0 else prefill).append((req_id, chunk))
+        ordered = decode + prefill
+        batch = build_forward_batch([c for _, c in ordered], self.block_size, self.device)
+        return batch, [req_id for req_id, c in ordered if c.sample]

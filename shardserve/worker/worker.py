@@ -1,0 +1,111 @@
+"""Worker: one per rank. Joins the process groups, loads its model shard, owns its KV cache, runs steps.
+
+Its public methods are the RPC surface the executors call (collective_rpc by method name).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shardserve.config import EngineConfig, layer_ranges
+from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from shardserve.distributed.comm import recv_tensors, send_tensors
+from shardserve.distributed.parallel_state import (ParallelContext, destroy_parallel_context,
+                                                   init_parallel_context)
+from shardserve.model.loader import load_model
+from shardserve.worker.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class DistInit:
+    """Where and how this rank joins the others."""
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    launch_id: str = ""
+    timeout_s: float = 300.0
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, dist_init: DistInit = DistInit()):
+        self.config, self.dist_init = config, dist_init
+        self.ctx: ParallelContext | None = None
+        self.runner: ModelRunner | None = None
+
+    # ---- start-up -----------------------------------------------------------------------------------
+    def init_device(self) -> None:
+        par, d = self.config.parallel, self.dist_init
+        torch.set_num_threads(par.rank_threads(d.local_world_size))
+        device = torch.device("cuda", d.local_rank) if par.device == "cuda" else torch.device("cpu")
+        if par.world_size == 1:
+            self.ctx = ParallelContext.single(device)
+        else:
+            self.ctx = init_parallel_context(d.rank, par.world_size, par.tensor_parallel_size,
+                                             par.pipeline_parallel_size, master_addr=d.master_addr,
+                                             master_port=d.master_port, device=device, launch_id=d.launch_id,
+                                             timeout_s=d.timeout_s)
+
+    def load_model(self) -> None:
+        mc = self.config.model
+        layer_range = layer_ranges(mc.spec.num_layers, self.config.parallel.pipeline_parallel_size)[self.ctx.pp_rank]
+        torch.manual_seed(mc.seed)
+        model = load_model(mc.spec, self.ctx, layer_range, mc.dtype)
+        self.runner = ModelRunner(model, self.config.cache.block_size, self.ctx.device, mc.dtype,
+                                  mc.spec.eos_token_ids)
+
+    def num_available_blocks(self) -> int:
+        """How many KV blocks this rank can hold (the executor takes the minimum over ranks)."""
+        cache, sched = self.config.cache, self.config.scheduler
+        per_block = self.runner.kv_bytes_per_block()
+        if cache.kv_cache_memory is not None:
+            budget = cache.kv_cache_memory
+        elif self.ctx.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.ctx.device)
+            budget = int(free * cache.memory_fraction)
+        else:
+            budget = int(_available_ram() * cache.cpu_memory_fraction / self.dist_init.local_world_size)
+        useful = sched.max_num_seqs * -(-sched.max_model_len // cache.block_size) + 1
+        return max(0, min(budget // max(per_block, 1), useful))
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.runner.init_cache(num_blocks)
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run this stage on the batch; the last stage's tp_rank 0 returns the sampled tokens."""
+        ctx = self.ctx
+        intermediate = None
+        if not ctx.pp.is_first:
+            intermediate = recv_tensors(ctx.pp.prev_rank, ctx.pp, ctx.device)
+        out = self.runner.execute(sched, intermediate, sample_here=ctx.tp.is_first)
+        if not ctx.pp.is_last:
+            send_tensors(out, ctx.pp.next_rank, ctx.pp)
+            return None
+        return out if ctx.tp.is_first else None
+
+    @property
+    def is_output_rank(self) -> bool:
+        return self.ctx.pp.is_last and self.ctx.tp.is_first
+
+    def check_health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        if self.ctx is not None:
+            destroy_parallel_context(self.ctx)
+            self.ctx = None
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
