@@ -39,6 +39,16 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--max-waiting-requests", type=int, default=None)
+    parser.add_argument("--log-level", default="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,11 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.set_defaults(func=_generate)
 
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    EngineArgs.add_cli_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
+
     bench = sub.add_parser("bench", help="benchmarks: throughput, serve, allreduce")
     bench.add_argument("which", choices=["throughput", "serve", "allreduce"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from shardserve.entrypoints.openai.server import run_server
+    return run_server(ns)
 
 
 def _bench(ns: argparse.Namespace) -> int:

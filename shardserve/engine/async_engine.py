@@ -1,0 +1,130 @@
+"""AsyncEngine: an asyncio front end that keeps the engine stepping while requests stream.
+
+The LLMEngine is driven by one background thread (a step blocks on the workers); callers submit and
+abort from the event loop, and each request's outputs reach it through its own asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from shardserve.core.outputs import RequestOutput
+from shardserve.engine.llm_engine import LLMEngine, PromptType
+from shardserve.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped (a worker died); nothing more can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.wakeup = threading.Event()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.dead: Exception | None = None
+        self.stopping = False
+        self.stats = dict(engine.stats(), num_requests=0)
+        self.thread = threading.Thread(target=self._loop, name="shardserve-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- called from the event loop -----------------------------------------------------------------
+    def prepare(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Tokenize and validate now, so a bad prompt is the caller's ValueError, not the engine's."""
+        text, ids = self.engine.tokenize(prompt)
+        self.engine.validate_prompt(ids)
+        return text, ids
+
+    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative RequestOutputs until the request finishes; aborts it if the consumer stops."""
+        if self.dead is not None:
+            raise EngineDeadError(str(self.dead))
+        if self.max_waiting_requests is not None and self.stats["num_waiting"] >= self.max_waiting_requests:
+            raise OverflowError(f"{self.stats['num_waiting']} requests are already waiting")
+        text, ids = self.prepare(prompt)
+        stream: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, {"prompt": text, "prompt_token_ids": ids}, params, time.time()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        self.wakeup.set()
+        self.thread.join(timeout=30)
+        self.engine.shutdown()
+
+    def _send(self, command: tuple) -> None:
+        self.commands.put(command)
+        self.wakeup.set()
+
+    # ---- the engine thread --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self.stopping:
+            self._drain_commands()
+            if not engine.has_unfinished_requests():
+                self.wakeup.wait(timeout=1.0)
+                self.wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:
+                self._die(exc)
+                return
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self.stats = dict(engine.stats(), num_requests=len(engine.requests))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt, params, arrival = command
+                if request_id not in self.streams:
+                    continue                    # its consumer already went away
+                try:
+                    self.engine.add_request(request_id, prompt, params, arrival)
+                except ValueError as exc:
+                    self._deliver(request_id, exc)
+            elif command[0] == "abort":
+                self.engine.abort_request(command[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self.streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _die(self, exc: Exception) -> None:
+        self.dead = exc
+        error = EngineDeadError(f"the engine stopped: {exc}")
+        for request_id in list(self.streams):
+            self._deliver(request_id, error)

@@ -1,0 +1,392 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine: completions, chat, tokenize, metrics."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shardserve.core.outputs import RequestOutput
+from shardserve.engine.async_engine import AsyncEngine, EngineDeadError
+from shardserve.entrypoints.openai import responses as R
+from shardserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                    TokenizeRequest)
+from shardserve.model.tokenizer import apply_chat_template
+
+logger = logging.getLogger("shardserve.server")
+MAX_BODY_BYTES = 4 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("shardserve_num_requests_running", "Sequences running in the engine", registry=r)
+        self.waiting = Gauge("shardserve_num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("shardserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
+        self.prompt_tokens = Counter("shardserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("shardserve_generation_tokens", "Tokens generated", registry=r)
+        self.success = Counter("shardserve_request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.ttft = Histogram("shardserve_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tpot = Histogram("shardserve_time_per_output_token_seconds", "Inter-token latency", registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+    def observe(self, out: RequestOutput) -> None:
+        m = out.metrics
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        n = sum(len(c.token_ids) for c in out.outputs)
+        self.generation_tokens.inc(n)
+        for c in out.outputs:
+            self.success.labels(c.finish_reason or "unknown").inc()
+        if m.get("first_token_time"):
+            self.ttft.observe(m["first_token_time"] - m["arrival_time"])
+            per_seq = max(len(c.token_ids) for c in out.outputs)
+            if per_seq > 1 and m.get("finished_time"):
+                self.tpot.observe((m["finished_time"] - m["first_token_time"]) / (per_seq - 1))
+
+    def render(self, stats: dict) -> bytes:
+        self.running.set(stats.get("num_running", 0))
+        self.waiting.set(stats.get("num_waiting", 0))
+        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        return generate_latest(self.registry)
+
+
+def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+               max_model_len: int | None = None) -> FastAPI:
+    metrics = Metrics()
+    tokenizer = engine.tokenizer
+    max_len = max_model_len or engine.engine.config.scheduler.max_model_len
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="shardserve", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    # ---- errors, auth, limits -----------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return error_response(400, f"{first.get('msg', 'invalid request')} (at {param or 'body'})",
+                              "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError):
+        return error_response(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(request: Request, exc: EngineDeadError):
+        return error_response(503, str(exc), "service_unavailable")
+
+    @app.exception_handler(OverflowError)
+    async def _busy(request: Request, exc: OverflowError):
+        return error_response(503, f"the server is at capacity ({exc}); retry later", "service_unavailable",
+                              headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        logger.exception("internal error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        path = request.url.path
+        if api_key and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                      "authentication_error")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {served_model_name!r}",
+                           "NotFoundError", "model")
+
+    def ensure_alive() -> None:
+        if engine.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {engine.dead}")
+
+    def prepare(prompt, max_tokens: int | None, param: str) -> tuple[str | None, list[int]]:
+        try:
+            text, ids = engine.prepare(prompt if not isinstance(prompt, list) else {"prompt_token_ids": prompt})
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=param) from exc
+        if max_tokens is not None and len(ids) + max_tokens > max_len:
+            raise ApiError(400, f"this model's maximum context length is {max_len} tokens, but the request asks "
+                                f"for {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate); "
+                                "shorten the prompt or lower max_tokens", param="max_tokens")
+        return text, ids
+
+    # ---- routes -------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if engine.dead is not None:
+            return error_response(503, f"the engine stopped: {engine.dead}", "service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prom():
+        return PlainTextResponse(metrics.render(engine.stats), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "owned_by": "shardserve",
+                                            "max_model_len": max_len, "created": 0}]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        check_model(req.model)
+        if req.messages is not None:
+            ids = apply_chat_template(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        elif req.prompt is not None:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise ApiError(400, "give 'prompt' or 'messages'", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        vocab = engine.engine.config.model.spec.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        ensure_alive()
+        try:
+            prompts = req.prompts()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from exc
+        prepared = [prepare(p, req.max_tokens, "prompt") for p in prompts]
+        params = [req.sampling_params(_default_max(ids, max_len), req.logprobs) for _, ids in prepared]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = [engine.generate(f"{request_id}-{i}", {"prompt": t, "prompt_token_ids": ids}, p)
+                   for i, ((t, ids), p) in enumerate(zip(prepared, params))]
+        echo = [(t if t is not None else tokenizer.decode(ids)) if req.echo else "" for t, ids in prepared]
+        n = req.n
+        if req.stream:
+            return _sse(_stream_completions(streams, request_id, served_model_name, n, echo, req, tokenizer,
+                                            metrics))
+        finals = await _collect(streams)
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                lp = R.completion_logprobs(tokenizer, c, 0, len(echo[i]))
+                choices.append(R.completion_choice(i * n + c.index, echo[i] + c.text, lp, c.finish_reason))
+            metrics.observe(out)
+        body = R.base("text_completion", request_id, served_model_name)
+        body.update(choices=choices, usage=R.usage(*R.count_tokens(finals)))
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        ensure_alive()
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = apply_chat_template(tokenizer, messages, req.add_generation_prompt)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        _, ids = prepare(ids, max_tokens, "messages")
+        top = req.top_logprobs or 0
+        params = req.sampling_params(_default_max(ids, max_len), top if req.logprobs else None)
+        if max_tokens is not None:
+            params.max_tokens = max_tokens
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = engine.generate(request_id, {"prompt_token_ids": ids}, params)
+        if req.stream:
+            return _sse(_stream_chat(stream, request_id, served_model_name, req, top, tokenizer, metrics))
+        (final,) = await _collect([stream])
+        metrics.observe(final)
+        choices = [R.chat_choice(c.index, c.text, R.chat_logprobs(tokenizer, c, 0, top), c.finish_reason, False)
+                   for c in final.outputs]
+        body = R.base("chat.completion", request_id, served_model_name)
+        body.update(choices=choices, usage=R.usage(*R.count_tokens([final])))
+        return body
+
+    return app
+
+
+def _default_max(ids: list[int], max_len: int) -> int:
+    return max(1, max_len - len(ids))
+
+
+async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def last(stream):
+        final = None
+        async for out in stream:
+            final = out
+        return final
+    return await asyncio.gather(*(last(s) for s in streams))
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except (EngineDeadError, ValueError) as exc:
+            err = {"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}}
+            yield f"data: {json.dumps(err)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as their outputs arrive; cancelling this cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _stream_completions(streams, request_id, model, n, echo, req, tokenizer, metrics):
+    sent_text: dict[tuple[int, int], int] = {}
+    sent_tok: dict[tuple[int, int], int] = {}
+    finals = {}
+    async for i, out in _merge(streams):
+        for c in out.outputs:
+            key = (i, c.index)
+            if key not in sent_text and echo[i]:
+                yield _chunk("text_completion", request_id, model,
+                             R.completion_choice(i * n + c.index, echo[i], None, None))
+            t0, k0 = sent_text.get(key, 0), sent_tok.get(key, 0)
+            delta = c.text[t0:]
+            if delta or c.finish_reason is not None and k0 <= len(c.token_ids):
+                lp = R.completion_logprobs(tokenizer, c, k0, len(echo[i]) + t0)
+                yield _chunk("text_completion", request_id, model,
+                             R.completion_choice(i * n + c.index, delta, lp, c.finish_reason))
+                sent_text[key], sent_tok[key] = len(c.text), len(c.token_ids) + (c.finish_reason is not None)
+        if out.finished:
+            finals[i] = out
+            metrics.observe(out)
+    if req.stream_options and req.stream_options.include_usage:
+        body = R.base("text_completion", request_id, model)
+        body.update(choices=[], usage=R.usage(*R.count_tokens(list(finals.values()))))
+        yield body
+
+
+async def _stream_chat(stream, request_id, model, req, top, tokenizer, metrics):
+    sent_text: dict[int, int] = {}
+    sent_tok: dict[int, int] = {}
+    final = None
+    for i in range(req.n):
+        yield _chunk("chat.completion.chunk", request_id, model,
+                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None})
+    async for out in stream:
+        for c in out.outputs:
+            t0, k0 = sent_text.get(c.index, 0), sent_tok.get(c.index, 0)
+            delta = c.text[t0:]
+            if delta or (c.finish_reason is not None and k0 <= len(c.token_ids)):
+                lp = R.chat_logprobs(tokenizer, c, k0, top)
+                yield _chunk("chat.completion.chunk", request_id, model,
+                             {"index": c.index, "delta": {"content": delta}, "logprobs": lp,
+                              "finish_reason": c.finish_reason})
+                sent_text[c.index], sent_tok[c.index] = len(c.text), len(c.token_ids) + (c.finish_reason is not None)
+        if out.finished:
+            final = out
+            metrics.observe(out)
+    if req.stream_options and req.stream_options.include_usage and final is not None:
+        body = R.base("chat.completion.chunk", request_id, model)
+        body.update(choices=[], usage=R.usage(*R.count_tokens([final])))
+        yield body
+
+
+def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
+    body = R.base(kind, request_id, model)
+    body["choices"] = [choice]
+    return body
+
+
+# ---- `shardserve serve` ------------------------------------------------------------------------------
+def run_server(ns: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from shardserve.engine.engine_args import EngineArgs
+    from shardserve.engine.llm_engine import LLMEngine
+
+    args = EngineArgs.from_cli_args(ns)
+    args.model = ns.model_tag or args.model
+    engine = LLMEngine.from_engine_args(args)
+    name = ns.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
+                                    else "SmolLM2-135M-Instruct")
+    async_engine = AsyncEngine(engine, ns.max_waiting_requests)
+    app = create_app(async_engine, name, ns.api_key)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    print(f"shardserve: serving {name!r} on http://{ns.host}:{ns.port}/v1 "
+          f"(tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size})", flush=True)
+    try:
+        server.run()
+    finally:
+        if async_engine.thread.is_alive() or not async_engine.stopping:
+            async_engine.shutdown()
+    return 0
