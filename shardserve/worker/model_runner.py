@@ -54,8 +54,12 @@ class ModelRunner:
         """One K and one V tensor per owned layer: [num_blocks * block_size, kv_heads_local, head_dim]."""
         slots = num_blocks * self.block_size
         for attn in self.attn_layers:
-            attn.k_cache = torch.zeros(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros_like(attn.k_cache)
+            # Left uninitialised (untouched pages cost nothing): every slot is written before it is read,
+            # except slot 0, which pads decode batches and so must hold finite values.
+            attn.k_cache = torch.empty(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.empty_like(attn.k_cache)
+            attn.k_cache[: self.block_size].zero_()
+            attn.v_cache[: self.block_size].zero_()
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

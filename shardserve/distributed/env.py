@@ -1,0 +1,105 @@
+"""Every environment variable shardserve reads, in one table, with small typed getters."""
+
+from __future__ import annotations
+
+import os
+
+# name -> what it means. Nothing else in the project calls os.environ for these names.
+ENV_VARS: dict[str, str] = {
+    "SHARDSERVE_HOST_IP": "address this node advertises to the others (must differ per node); default 127.0.0.1",
+    "SHARDSERVE_PORT": "base port for rendezvous; later ports count up from it; unset = pick free ports",
+    "SHARDSERVE_PP_LAYER_PARTITION": 'layers per pipeline stage, comma-separated, e.g. "16,14"',
+    "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
+    "CUDA_VISIBLE_DEVICES": "GPUs a worker may see (set by the executor, or by the user)",
+    "LOCAL_RANK": "rank of this process on its node (torchrun)",
+    "RANK": "global rank of this process (torchrun / external launcher)",
+    "WORLD_SIZE": "number of processes (torchrun / external launcher)",
+    "MASTER_ADDR": "rendezvous host (torchrun / external launcher)",
+    "MASTER_PORT": "rendezvous port (torchrun / external launcher)",
+    "OMPI_COMM_WORLD_RANK": "global rank under Open MPI's mpirun",
+    "OMPI_COMM_WORLD_SIZE": "number of processes under Open MPI's mpirun",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "rank on this node under Open MPI's mpirun",
+    "PMI_RANK": "global rank under MPICH / Intel MPI (PMI)",
+    "PMI_SIZE": "number of processes under MPICH / Intel MPI (PMI)",
+}
+
+
+def _get(name: str) -> str | None:
+    """The variable's value, or None when unset or blank."""
+    assert name in ENV_VARS, f"{name} is not in the env.py table; add it there"
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _get_int(name: str, *, minimum: int | None = None) -> int | None:
+    value = _get(name)
+    if value is None:
+        return None
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return out
+
+
+def host_ip() -> str:
+    """SHARDSERVE_HOST_IP, default "127.0.0.1"."""
+    return _get("SHARDSERVE_HOST_IP") or "127.0.0.1"
+
+
+def base_port() -> int | None:
+    """SHARDSERVE_PORT as an int in 1..65535, or None when unset."""
+    port = _get_int("SHARDSERVE_PORT", minimum=1)
+    if port is not None and port > 65535:
+        raise ValueError(f"SHARDSERVE_PORT={port}: expected a port number in 1..65535")
+    return port
+
+
+def pp_layer_partition() -> list[int] | None:
+    """SHARDSERVE_PP_LAYER_PARTITION parsed as e.g. "16,14" -> [16, 14]; None when unset.
+
+    Only the form is checked here; the count and sum are checked against the model by the caller.
+    """
+    value = _get("SHARDSERVE_PP_LAYER_PARTITION")
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"SHARDSERVE_PP_LAYER_PARTITION={value!r}: expected comma-separated layer counts "
+            f'per pipeline stage, e.g. "16,14"'
+        ) from None
+    if any(p < 1 for p in parts):
+        raise ValueError(
+            f"SHARDSERVE_PP_LAYER_PARTITION={value!r}: every stage needs at least one layer, e.g. \"16,14\""
+        )
+    return parts
+
+
+def threads_override() -> int | None:
+    """SHARDSERVE_NUM_THREADS (torch threads per rank), or None when unset."""
+    return _get_int("SHARDSERVE_NUM_THREADS", minimum=1)
+
+
+def launcher_rank() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) set by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or mpirun
+    (OMPI_COMM_WORLD_* or PMI_*), or None when no launcher set them. local_rank defaults to rank."""
+    for rank_var, size_var, local_var in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_RANK", "PMI_SIZE", None),
+    ):
+        rank = _get_int(rank_var, minimum=0)
+        size = _get_int(size_var, minimum=1)
+        if rank is None or size is None:
+            continue
+        local = _get_int(local_var, minimum=0) if local_var else None
+        if rank >= size:
+            raise ValueError(f"{rank_var}={rank} must be < {size_var}={size}")
+        return rank, size, rank if local is None else local
+    return None

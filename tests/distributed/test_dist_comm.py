@@ -1,0 +1,220 @@
+"""Collectives on real processes: shared-memory and Gloo all-reduce / all-gather, gather_to_first,
+pipeline send/recv, segment clean-up and a peer that dies. Rendezvous via a driver-created store."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import time
+import traceback
+import uuid
+
+import pytest
+import torch
+
+SLOT_BYTES = 64 * 1024  # small slots so that the big cases run in several chunks
+NUMELS = [1, 7, 4096, 300_001, 1_000_003]  # 4 B .. 4 MB of float32; the last ones exceed a slot
+
+
+# ---------------------------------------------------------------- harness
+
+def _entry(fn, rank, world, tp, pp, port, use_shm, launch_id, results) -> None:
+    from shardserve.distributed.parallel_state import destroy_parallel_context, init_parallel_context
+
+    torch.set_num_threads(1)
+    ctx = None
+    try:
+        ctx = init_parallel_context(rank, world, tp, pp, master_addr="127.0.0.1", master_port=port,
+                                    use_shm=use_shm, launch_id=launch_id, timeout_s=60,
+                                    shm_slot_bytes=SLOT_BYTES)
+        results.put((rank, "ok", fn(ctx, launch_id)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if ctx is not None:
+            destroy_parallel_context(ctx)
+
+
+def _segments(launch_id: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if launch_id in n]
+
+
+def run_ranks(fn, world: int, tp: int, pp: int = 1, use_shm: bool = True, timeout: float = 60) -> list:
+    """fn(ctx, launch_id) on each of `world` spawned ranks; their results in rank order."""
+    from shardserve.distributed.parallel_state import create_store
+
+    store = create_store("127.0.0.1", 0, world)  # before the workers start: fast rendezvous
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    launch_id = f"t{uuid.uuid4().hex[:10]}"
+    procs = [spawn.Process(target=_entry, args=(fn, r, world, tp, pp, store.port, use_shm, launch_id, results),
+                           daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = {}
+        for _ in range(world):
+            rank, status, value = results.get(timeout=timeout)
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            got[rank] = value
+        for p in procs:
+            p.join(timeout=10)
+        assert _segments(launch_id) == [], "shared-memory segment left behind"
+        return [got[r] for r in range(world)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+
+# ---------------------------------------------------------------- rank functions
+
+def _contribution(rank: int, numel: int, dtype: torch.dtype, integral: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * numel + rank)
+    if integral:  # small integers: every summation order gives the exact same result
+        return torch.randint(-8, 9, (numel,), generator=g).to(dtype)
+    return torch.randn(numel, generator=g).to(dtype)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
+
+
+def _check_collectives(group, rank_in_group: int, path: str) -> int:
+    """all_reduce / all_gather / gather_to_first on `group`, checked exactly; returns cases run."""
+    from shardserve.distributed import comm
+
+    world = group.size
+    cases = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for numel in NUMELS:
+            integral = path == "gloo"  # Gloo's summation order is its own; shm sums in rank order
+            xs = [_contribution(r, numel, dtype, integral) for r in range(world)]
+            expected = xs[0] + xs[1]
+            for r in range(2, world):
+                expected = expected + xs[r]  # ((x0 + x1) + x2) + x3, rounded to dtype at each step
+            out = comm.all_reduce(xs[rank_in_group].clone(), group)
+            assert out.dtype == dtype and out.shape == (numel,)
+            assert torch.equal(_bits(out), _bits(expected)), f"{path} all_reduce {dtype} numel={numel}"
+
+            shard = xs[rank_in_group].view(1, numel)  # [1, numel]: gather along dim 0 and along -1
+            rows = comm.all_gather(shard, group, dim=0)
+            assert torch.equal(rows, torch.stack(xs)), f"{path} all_gather dim=0 {dtype} numel={numel}"
+            cols = comm.all_gather(shard, group)
+            assert torch.equal(cols, torch.cat(xs).view(1, -1)), f"{path} all_gather dim=-1 numel={numel}"
+            first = comm.gather_to_first(shard, group, dim=0)
+            if rank_in_group == 0:
+                assert torch.equal(first, torch.stack(xs))
+            else:
+                assert first is None
+            cases += 1
+    # a non-contiguous input and a 3-d gather along a middle dim
+    x = torch.arange(24.0).view(4, 6).t() + rank_in_group  # [6, 4], non-contiguous
+    assert torch.equal(comm.all_reduce(x, group), sum(torch.arange(24.0).view(4, 6).t() + r for r in range(world)))
+    y = torch.full((2, 3, 4), float(rank_in_group))
+    z = comm.all_gather(y, group, dim=1)  # [2, 3 * world, 4]
+    assert z.shape == (2, 3 * world, 4) and torch.equal(z[:, 3 * (world - 1):], torch.full((2, 3, 4), world - 1.0))
+    comm.barrier(group)
+    return cases
+
+
+def _collectives(ctx, launch_id):
+    """Both paths on the TP group: shared memory as built, and Gloo on the same group minus shm."""
+    assert ctx.tp.shm is not None, "expected a shared-memory communicator"
+    shm_cases = _check_collectives(ctx.tp, ctx.tp_rank, "shm")  # ends with a barrier
+    assert _segments(launch_id) == [], "segment should be unlinked once every rank attached"
+    gloo_cases = _check_collectives(dataclasses.replace(ctx.tp, shm=None), ctx.tp_rank, "gloo")
+    return shm_cases, gloo_cases
+
+
+def _message(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "hidden_states": torch.randn(5 + step, 16, generator=g),
+        "residual": torch.randn(5 + step, 16, generator=g).to(torch.bfloat16),
+        "positions": torch.arange(5 + step, dtype=torch.int64),
+        "mask": torch.rand(2, 3, 4, generator=g) > 0.5,
+        "empty": torch.empty(0, 16),
+        "scalar": torch.tensor(3.5 + step, dtype=torch.float64),
+        "a_rather_long_name_" * 5: torch.tensor([step], dtype=torch.int32),  # header beyond 64 words
+    }
+
+
+def _pipeline(ctx, launch_id):
+    """tp=2, pp=2, no shm: groups as in the table, and two send/recv hand-offs in order."""
+    from shardserve.distributed import comm
+
+    assert ctx.tp.shm is None
+    assert ctx.tp.ranks == [[0, 1], [2, 3]][ctx.pp_rank] and ctx.pp.ranks == [[0, 2], [1, 3]][ctx.tp_rank]
+    assert ctx.rank == ctx.pp_rank * 2 + ctx.tp_rank
+    if ctx.pp.is_first:
+        for step in (0, 1):
+            comm.send_tensors(_message(step), ctx.pp.next_rank, ctx.pp)
+    else:
+        for step in (0, 1):
+            got = comm.recv_tensors(ctx.pp.prev_rank, ctx.pp, ctx.device)
+            want = _message(step)
+            assert list(got) == list(want)
+            for name in want:
+                assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    # a TP all-reduce over Gloo on each stage
+    out = comm.all_reduce(torch.tensor([float(ctx.rank)]), ctx.tp)
+    assert out.item() == [1.0, 5.0][ctx.pp_rank]
+    return ctx.rank
+
+
+def _peer_dies(ctx, launch_id):
+    """Rank 1 exits without a word; rank 0's shm all-reduce must fail fast, not hang."""
+    from shardserve.distributed import comm
+
+    if ctx.rank == 1:
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        comm.all_reduce(torch.ones(16), ctx.tp)
+    except RuntimeError as exc:
+        assert "exited" in str(exc)
+        return time.monotonic() - t0
+    raise AssertionError("all_reduce returned although the peer is gone")
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_shm_and_gloo(world):
+    per_rank = run_ranks(_collectives, world, tp=world)
+    assert per_rank == [(2 * len(NUMELS), 2 * len(NUMELS))] * world
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_send_recv_and_gloo_only_groups():
+    assert run_ranks(_pipeline, 4, tp=2, pp=2, use_shm=False) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_dead_peer_fails_fast():
+    from shardserve.distributed.parallel_state import create_store
+
+    store = create_store("127.0.0.1", 0, 2)
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    launch_id = f"t{uuid.uuid4().hex[:10]}"
+    procs = [spawn.Process(target=_entry, args=(_peer_dies, r, 2, 2, 1, store.port, True, launch_id, results),
+                           daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        rank, status, value = results.get(timeout=60)
+        assert (rank, status) == (0, "ok"), value
+        assert value < 5.0, f"took {value:.1f}s to notice the dead peer"
+        procs[0].join(timeout=10)
+        assert _segments(launch_id) == []
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
