@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
 import uuid
 
-import torch
-import torch.multiprocessing as mp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from shardserve.distributed import comm
-from shardserve.distributed.parallel_state import (
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from shardserve.distributed import comm  # noqa: E402
+from shardserve.distributed.parallel_state import (  # noqa: E402
     create_store, destroy_parallel_context, init_parallel_context,
 )
 
@@ -55,8 +58,8 @@ def _fmt_size(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
-def main(argv: list[str] | None = None) -> list[tuple[int, float, float]]:
-    """Run the benchmark; print and return rows (bytes, gloo µs, shm µs) as measured on rank 0."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a markdown table (median µs on rank 0); 0 on success."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--world", type=int, default=2, help="number of processes (default 2)")
     args = parser.parse_args(argv)
@@ -79,12 +82,13 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float, float]]:
                 p.terminate()
                 p.join(timeout=5)
     rows = results[0]
-    print(f"all-reduce float32, {args.world} processes x 1 thread, median µs (rank 0)")
-    print(f"{'size':>8} {'gloo µs':>10} {'shm µs':>10} {'speed-up':>9}")
+    print(f"all-reduce float32, {args.world} processes x 1 thread, median µs on rank 0\n")
+    print("| size | gloo µs | shm µs | speed-up |")
+    print("|---:|---:|---:|---:|")
     for nbytes, gloo_us, shm_us in rows:
-        print(f"{_fmt_size(nbytes):>8} {gloo_us:>10.1f} {shm_us:>10.1f} {gloo_us / shm_us:>8.1f}x")
-    return rows
+        print(f"| {_fmt_size(nbytes)} | {gloo_us:.1f} | {shm_us:.1f} | {gloo_us / shm_us:.1f}x |")
+    return 0 if all(p.exitcode == 0 for p in procs) else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

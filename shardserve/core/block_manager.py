@@ -40,7 +40,7 @@ class BlockManager:
         # Free blocks (ref_count 0) in eviction order: the first is reused first. Blocks holding a cached
         # hash stay findable until reused; blocks holding nothing go to the front.
         self.free_list: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}            # block hash -> block id
+        self.hash_to_block: dict[int, int] = {}     # block hash -> block id
         self._num_hashed: dict[str, int] = {}       # seq_id -> leading blocks of its table already hashed
 
     # -- sizes -------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ class BlockManager:
             h = self.hash_block(parent, toks)
             if block.hash is None:
                 block.hash, block.token_ids = h, toks
-                self.hash_to_block.setdefault(h, block.block_id)   # a duplicate keeps the first block cached
+                self.hash_to_block.setdefault(h, block.block_id)  # a duplicate keeps the first block cached
             parent = h
         self._num_hashed[seq.seq_id] = num_full
 

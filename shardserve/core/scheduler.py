@@ -1,5 +1,4 @@
-"""Scheduler: continuous batching with a per-step token budget, chunked prefill, preemption by recompute and up
-to max_in_flight batches in flight (pipeline parallelism)."""
+"""Scheduler: continuous batching, chunked prefill, recompute preemption, up to max_in_flight batches in flight."""
 from __future__ import annotations
 
 from collections import deque
@@ -15,7 +14,7 @@ class Scheduler:
     at its step's update when it finished while in flight (`_pending`)."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, max_in_flight: int = 1, eos_token_ids: tuple[int, ...] = ()):
+                 max_model_len: int, max_in_flight: int = 1, eos_token_ids: tuple[int, ...] = ()) -> None:
         assert max_num_seqs > 0 and max_num_batched_tokens > 0 and max_in_flight > 0
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -126,7 +125,7 @@ class Scheduler:
 
         # 1. running sequences that are not in flight: one decode token or the next prompt chunk.
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(batch) >= self.max_num_seqs:
                 break
             if seq.in_flight or seq.status != SequenceStatus.RUNNING:
                 continue                                 # in flight, or preempted earlier in this loop
@@ -145,8 +144,10 @@ class Scheduler:
                 batch.append(seq)
                 budget -= num_new
 
-        # 2. waiting sequences, FCFS, while budget, the sequence cap and blocks allow (none after a preemption).
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+        # 2. waiting sequences, FCFS, while budget, the sequence caps and blocks allow (none after a preemption).
+        # max_num_seqs caps one batch; with P batches in flight up to P * max_num_seqs sequences run.
+        while (self.waiting and budget > 0 and not preempted and len(batch) < self.max_num_seqs
+               and len(self.running) < self.max_num_seqs * self.max_in_flight):
             seq = self.waiting[0]
             _, hit = self.block_manager.match_prefix(seq.all_token_ids)
             num_new = min(seq.num_tokens - hit, budget)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from shardserve.distributed.shm_comm import DEFAULT_SLOT_BYTES, SHM_SUPPORTED, ShmCommunicator
+from shardserve.distributed.shm_comm import DEFAULT_SLOT_BYTES, SHM_SUPPORTED, ShmCommunicator, ShmUnavailable
 
 
 def build_groups(world_size: int, tp: int, pp: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -162,14 +163,17 @@ def init_parallel_context(
         store.set(f"{prefix}/host/{rank}", _host_id())
         hosts = {store.get(f"{prefix}/host/{r}").decode() for r in tp_group.ranks}
         if len(hosts) == 1:
-            tp_group.shm = ShmCommunicator(
-                tp_group.rank_in_group,
-                tp_group.size,
-                store,
-                name=f"{launch_id or 'x'}-tp{tp_group.ranks[0]}",
-                slot_bytes=shm_slot_bytes,
-                timeout_s=timeout_s,
-            )
+            try:
+                tp_group.shm = ShmCommunicator(
+                    tp_group.rank_in_group,
+                    tp_group.size,
+                    store,
+                    name=f"{launch_id or 'x'}-tp{tp_group.ranks[0]}",
+                    slot_bytes=shm_slot_bytes,
+                    timeout_s=timeout_s,
+                )
+            except ShmUnavailable as exc:  # raised on every member alike: all fall back to torch.distributed
+                warnings.warn(f"shared-memory collectives disabled, using {backend}: {exc}", stacklevel=2)
     return ParallelContext(tp=tp_group, pp=pp_group, rank=rank, world_size=world_size, device=device)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import platform
@@ -26,13 +27,19 @@ _FLAG_STRIDE = 8  # int64 words between flags (64 bytes: one cache line each)
 _PID = 1  # word offset of the owner's pid within its cache line (0 = not checkable)
 _LIVENESS_EVERY_S = 0.05  # how often a long wait checks that the awaited peer still exists
 _SHM_DIR = "/dev/shm"
-DEFAULT_SLOT_BYTES = 16 * 1024 * 1024
+# 4 MiB: larger tensors go in chunks (measured no slower than 16 MiB slots up to 16 MiB tensors), and
+# the segment (2 * world * slot) stays small enough for a container's default 64 MiB /dev/shm.
+DEFAULT_SLOT_BYTES = 4 * 1024 * 1024
 
 # dtypes the shm path reduces; anything else goes through torch.distributed.
 SHM_DTYPES = frozenset(
     {torch.float32, torch.float64, torch.float16, torch.bfloat16,
      torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
 )
+
+
+class ShmUnavailable(OSError):
+    """The segment could not be created (e.g. /dev/shm full); raised on every member alike."""
 
 
 class ShmCommunicator:
@@ -71,19 +78,32 @@ class ShmCommunicator:
 
         if rank == 0:
             self.path = os.path.join(_SHM_DIR, f"shardserve-{name}-{uuid.uuid4().hex[:12]}")
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
-                os.ftruncate(fd, total)
-                self._mmap = mmap.mmap(fd, total)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    # Reserve the pages now: a full /dev/shm fails here (ENOSPC) instead of SIGBUS later.
+                    try:
+                        os.posix_fallocate(fd, 0, total)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        os.ftruncate(fd, total)  # a filesystem without fallocate
+                    self._mmap = mmap.mmap(fd, total)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                _unlink_quiet(self.path)
+                store.set(key, "")  # tells the peers: no segment, fall back together
+                raise ShmUnavailable(f"cannot create a {total >> 20} MiB segment in {_SHM_DIR}: {exc}") from exc
             except BaseException:
-                os.unlink(self.path)
+                _unlink_quiet(self.path)
                 raise
-            finally:
-                os.close(fd)
             store.set(key, self.path)
         else:
-            # Blocks (up to the store's timeout) until rank 0 has published the path.
+            # Blocks (up to the store's timeout) until rank 0 has published the path ("" = failed).
             self.path = store.get(key).decode()
+            if not self.path:
+                raise ShmUnavailable(f"rank 0 of shm group {name!r} could not create its segment")
             fd = os.open(self.path, os.O_RDWR)
             try:
                 self._mmap = mmap.mmap(fd, total)

@@ -77,7 +77,7 @@ class MultiprocExecutor(Executor):
     def _read(self, rank: int, timeout: float | None = None):
         """Wait for rank's next reply, failing fast if any worker dies or raises meanwhile."""
         while True:
-            ready = wait([self.conns[rank], *self.conns, *(p.sentinel for p in self.procs)], timeout)
+            ready = wait([*self.conns, *(p.sentinel for p in self.procs)], timeout)
             if not ready:
                 self._fail(WorkerError(f"rank {rank} did not answer within {timeout:.0f} s"))
             for r, conn in enumerate(self.conns):

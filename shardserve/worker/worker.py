@@ -68,7 +68,8 @@ class Worker:
             budget = int(free * cache.memory_fraction)
         else:
             budget = int(_available_ram() * cache.cpu_memory_fraction / self.dist_init.local_world_size)
-        useful = sched.max_num_seqs * -(-sched.max_model_len // cache.block_size) + 1
+        in_flight = self.config.parallel.pipeline_parallel_size     # one batch of max_num_seqs per stage
+        useful = in_flight * sched.max_num_seqs * -(-sched.max_model_len // cache.block_size) + 1
         return max(0, min(budget // max(per_block, 1), useful))
 
     def init_cache(self, num_blocks: int) -> None:

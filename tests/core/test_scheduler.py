@@ -95,7 +95,7 @@ def check_blocks(s: Scheduler) -> None:
             assert block.hash is not None
     for seq in s.waiting:
         assert seq.block_ids == [] and seq.num_computed_tokens == 0 and not seq.in_flight
-    assert s.num_running <= s.max_num_seqs
+    assert s.num_running <= s.max_num_seqs * s.max_in_flight    # max_num_seqs caps one batch
 
 
 def drive(s: Scheduler, worker: FakeWorker | None = None, depth: int = 1, max_steps: int = 10_000,
@@ -484,3 +484,69 @@ def test_random_operations_keep_invariants(ops, num_blocks, block_size, budget, 
         assert seq.output_token_ids == reference(seq.prompt_token_ids, n)
         if seq.finish_reason == "length":
             assert n == seq.sampling_params.max_tokens or seq.num_tokens == max_model_len
+
+
+# ---- KV content through the block tables --------------------------------------------------------------
+class KVWorker:
+    """A worker with a fake KV cache (one token id per slot) whose 'model' reads its whole context back through
+    the block table: a block shared, reused or evicted wrongly changes the generated tokens."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.bs = block_size
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.reqs: dict[str, dict] = {}
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for req_id in out.finished_req_ids:
+            del self.reqs[req_id]
+        for new in out.new_requests:
+            self.reqs[new.req_id] = {"tokens": new.prompt_token_ids + new.output_token_ids,
+                                     "blocks": list(new.block_ids), "computed": new.num_computed_tokens}
+        for cached in out.cached_requests:
+            r = self.reqs[cached.req_id]
+            r["tokens"] += cached.new_token_ids
+            r["blocks"] += cached.new_block_ids
+            assert r["computed"] == cached.num_computed_tokens
+        sampled = {}
+        for req_id, n in out.num_scheduled_tokens.items():
+            r = self.reqs[req_id]
+            tokens, blocks, start = r["tokens"], r["blocks"], r["computed"]
+            for pos in range(start, start + n):
+                self.kv[blocks[pos // self.bs]][pos % self.bs] = tokens[pos]
+            r["computed"] = start + n
+            if start + n == len(tokens):
+                sampled[req_id] = context_model([self.kv[blocks[p // self.bs]][p % self.bs] for p in range(start + n)])
+        return ModelRunnerOutput(out.step_id, sampled)
+
+
+def context_model(context: list[int | None]) -> int:
+    h = 0
+    for t in context:
+        h = (h * 31 + (-5 if t is None else t) + 7) % 1_000_003
+    return h % 1000
+
+
+def context_reference(prompt: list[int], n: int) -> list[int]:
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        out.append(context_model(tokens))
+        tokens.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("depth,num_blocks", [(1, 256), (2, 256), (1, 12), (2, 14), (3, 16)])
+def test_kv_content_survives_preemption_prefix_reuse_and_pipelining(depth, num_blocks):
+    shared = list(range(8))                                # a common prefix: blocks shared via their hash
+    prompts = [shared + [40 + i] * (1 + 2 * i) for i in range(5)] + [list(range(50 + i, 58 + i)) for i in range(3)]
+    s = make_sched(num_blocks=num_blocks, block_size=4, budget=16, max_model_len=64, max_in_flight=depth)
+    seqs = [make_seq(p, SamplingParams(max_tokens=10 + i)) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        s.add(seq)
+    drive(s, KVWorker(num_blocks, 4), depth=depth)
+    for seq in seqs:
+        assert seq.output_token_ids == context_reference(seq.prompt_token_ids, seq.sampling_params.max_tokens)
+    assert s.block_manager.num_free_blocks == num_blocks and s.max_in_flight_seen == depth
+    if num_blocks <= 16:
+        assert s.num_preemptions_total > 0
+    else:
+        assert s.prefix_cache_hit_tokens > 0

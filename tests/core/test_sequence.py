@@ -49,3 +49,21 @@ def test_in_flight():
     assert seq.in_flight
     seq.in_flight_step = None
     assert not seq.in_flight
+
+
+def test_token_ids_slice_matches_all_token_ids():
+    seq = make([1, 2, 3])
+    for t in (7, 8, 9):
+        seq.append_token(t)
+    for a in range(7):
+        for b in range(a, 8):
+            assert seq.token_ids_slice(a, b) == seq.all_token_ids[a:b]
+        assert seq.token_ids_slice(a) == seq.all_token_ids[a:]
+
+
+def test_first_finish_wins_and_reason_defaults():
+    seq = make()
+    seq.finish(SequenceStatus.FINISHED_LENGTH)
+    assert seq.finish_reason == "length"
+    seq.finish(SequenceStatus.FINISHED_ABORTED, "abort")
+    assert seq.status == SequenceStatus.FINISHED_LENGTH and seq.finish_reason == "length"
