@@ -88,6 +88,7 @@ class AsyncEngine:
         while not self.stopping:
             self._drain_commands()
             if not engine.has_unfinished_requests():
+                self.stats = dict(engine.stats(), num_requests=0)
                 self.wakeup.wait(timeout=1.0)
                 self.wakeup.clear()
                 continue

@@ -47,30 +47,25 @@ class SeqChunk:
 def build_forward_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> ForwardBatch:
     """Chunks must be ordered decode-first (len 1 with start > 0 before any prefill chunk)."""
     ids, pos, slots, logits_rows = [], [], [], []
-    decode_ctx: list[list[int]] = []
+    decode: list[SeqChunk] = []
     prefills: list[PrefillSegment] = []
     for chunk in chunks:
         n, start = len(chunk.token_ids), chunk.start
         first = len(ids)
         ids += chunk.token_ids
         pos += range(start, start + n)
-        ctx_slots = [_slot(chunk.block_ids, p, block_size) for p in range(start + n)]
-        slots += ctx_slots[start:]
+        slots += [_slot(chunk.block_ids, p, block_size) for p in range(start, start + n)]
         if chunk.sample:
             logits_rows.append(first + n - 1)
         if n == 1 and start > 0 and not prefills:
-            decode_ctx.append(ctx_slots)
+            decode.append(chunk)
         else:
-            prefills.append(_prefill_segment(first, n, start, ctx_slots, device))
+            prefills.append(_prefill_segment(first, n, start, chunk.block_ids, block_size, device))
     decode_slots = decode_mask = None
-    if decode_ctx:
-        width = max(len(c) for c in decode_ctx)
-        decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx], dtype=torch.long)
-        lengths = torch.tensor([len(c) for c in decode_ctx])
-        decode_mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
-        decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
+    if decode:
+        decode_slots, decode_mask = _decode_context(decode, block_size, device)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
-    return ForwardBatch(as_long(ids), as_long(pos), as_long(slots), len(decode_ctx), decode_slots, decode_mask,
+    return ForwardBatch(as_long(ids), as_long(pos), as_long(slots), len(decode), decode_slots, decode_mask,
                         prefills, as_long(logits_rows))
 
 
@@ -78,10 +73,31 @@ def _slot(block_ids: list[int], position: int, block_size: int) -> int:
     return block_ids[position // block_size] * block_size + position % block_size
 
 
-def _prefill_segment(first: int, n: int, start: int, ctx_slots: list[int], device) -> PrefillSegment:
+def _context_slots(block_ids: list[int], length: int, block_size: int) -> torch.Tensor:
+    """[length] KV slots of positions 0 .. length-1."""
+    blocks = torch.tensor(block_ids[: -(-length // block_size)], dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+
+
+def _decode_context(decode: list[SeqChunk], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [B, L] of every decode sequence's context (padded with slot 0) and the mask [B, 1, 1, L]."""
+    lengths = torch.tensor([c.start + 1 for c in decode])
+    width = int(lengths.max())
+    nblocks = -(-width // block_size)
+    table = torch.zeros(len(decode), nblocks, dtype=torch.long)
+    for row, c in enumerate(decode):
+        used = c.block_ids[: -(-(c.start + 1) // block_size)]
+        table[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).reshape(len(decode), -1)[:, :width]
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    slots = torch.where(mask, slots, 0)                          # padding reads slot 0, masked out
+    return slots.to(device), mask[:, None, None, :].to(device)
+
+
+def _prefill_segment(first: int, n: int, start: int, block_ids: list[int], block_size: int, device) -> PrefillSegment:
     if start == 0:
         return PrefillSegment(first, n, n, None, None)
     ctx = start + n
     # query i sits at position start + i and sees keys 0 .. start + i
     mask = torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
-    return PrefillSegment(first, n, ctx, torch.tensor(ctx_slots, dtype=torch.long, device=device), mask.to(device))
+    return PrefillSegment(first, n, ctx, _context_slots(block_ids, ctx, block_size).to(device), mask.to(device))

@@ -151,3 +151,33 @@ def test_dead_peer_fails_fast():
             if p.is_alive():
                 p.kill()
             p.join()
+
+
+@pytest.mark.timeout(60)
+def test_segment_creation_failure_is_raised_on_every_member(monkeypatch):
+    """When rank 0 cannot create the segment, every member raises ShmUnavailable (threads as ranks),
+    so init_parallel_context can fall back to torch.distributed on all of them together."""
+    import threading
+
+    import torch.distributed as dist
+
+    from shardserve.distributed import shm_comm
+
+    monkeypatch.setattr(shm_comm, "_SHM_DIR", "/nonexistent-shardserve-dir")
+    store, raised = dist.HashStore(), {}
+
+    def member(rank: int) -> None:
+        try:
+            shm_comm.ShmCommunicator(rank, 3, store, "fail", slot_bytes=1024, timeout_s=10)
+            raised[rank] = None
+        except shm_comm.ShmUnavailable:
+            raised[rank] = "ShmUnavailable"
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            raised[rank] = repr(exc)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert raised == {r: "ShmUnavailable" for r in range(3)}

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -200,7 +201,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
         prepared = [prepare(p, req.max_tokens, "prompt") for p in prompts]
-        params = [req.sampling_params(_default_max(ids, max_len), req.logprobs) for _, ids in prepared]
+        params = [req.sampling_params(min(16, _default_max(ids, max_len)), req.logprobs) for _, ids in prepared]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = [engine.generate(f"{request_id}-{i}", {"prompt": t, "prompt_token_ids": ids}, p)
                    for i, ((t, ids), p) in enumerate(zip(prepared, params))]
@@ -384,6 +385,10 @@ def run_server(ns: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     print(f"shardserve: serving {name!r} on http://{ns.host}:{ns.port}/v1 "
           f"(tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size})", flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal for the previous handler:
+    # make that handler a no-op so the process exits 0 after stopping the engine and its workers.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
