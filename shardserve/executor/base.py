@@ -56,4 +56,10 @@ def create_executor(config: EngineConfig) -> Executor:
     if backend == "mp":
         from shardserve.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(config)
-    raise ValueError(f"distributed_executor_backend {backend!r} is not available yet; use 'uni' or 'mp'")
+    if backend == "ray":
+        from shardserve.executor.ray import RayExecutor
+        return RayExecutor(config)
+    if backend == "external_launcher":
+        from shardserve.executor.external import ExternalLauncherExecutor
+        return ExternalLauncherExecutor(config)
+    raise ValueError(f"distributed_executor_backend {backend!r} is not supported; use uni, mp, ray or external_launcher")
