@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
+	command -v mpirun >/dev/null || (apt-get update -qq && apt-get install -y -qq openmpi-bin)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -15,10 +15,12 @@ ENV_VARS: dict[str, str] = {
     "RANK": "global rank of this process (torchrun / external launcher)",
     "WORLD_SIZE": "number of processes (torchrun / external launcher)",
     "MASTER_ADDR": "rendezvous host (torchrun / external launcher)",
-    "MASTER_PORT": "rendezvous port (torchrun / external launcher)",
+    "MASTER_PORT": "rendezvous port (torchrun / external launcher); shardserve's own store listens on MASTER_PORT+1",
+    "LOCAL_WORLD_SIZE": "number of processes on this node (torchrun)",
     "OMPI_COMM_WORLD_RANK": "global rank under Open MPI's mpirun",
     "OMPI_COMM_WORLD_SIZE": "number of processes under Open MPI's mpirun",
     "OMPI_COMM_WORLD_LOCAL_RANK": "rank on this node under Open MPI's mpirun",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "number of processes on this node under Open MPI's mpirun",
     "PMI_RANK": "global rank under MPICH / Intel MPI (PMI)",
     "PMI_SIZE": "number of processes under MPICH / Intel MPI (PMI)",
 }
@@ -102,4 +104,26 @@ def launcher_rank() -> tuple[int, int, int] | None:
         if rank >= size:
             raise ValueError(f"{rank_var}={rank} must be < {size_var}={size}")
         return rank, size, rank if local is None else local
+    return None
+
+
+def master_addr() -> str | None:
+    """MASTER_ADDR (the rendezvous host, rank 0's node), or None when unset."""
+    return _get("MASTER_ADDR")
+
+
+def master_port() -> int | None:
+    """MASTER_PORT as an int in 1..65535, or None when unset."""
+    port = _get_int("MASTER_PORT", minimum=1)
+    if port is not None and port > 65535:
+        raise ValueError(f"MASTER_PORT={port}: expected a port number in 1..65535")
+    return port
+
+
+def launcher_local_world_size() -> int | None:
+    """Processes on this node: LOCAL_WORLD_SIZE (torchrun) or OMPI_COMM_WORLD_LOCAL_SIZE (mpirun); None if unset."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = _get_int(name, minimum=1)
+        if value is not None:
+            return value
     return None

@@ -95,10 +95,27 @@ class Worker:
     def check_health(self) -> bool:
         return True
 
+    def memory_stats(self) -> dict:
+        """This rank's weight bytes (prepacked copies included) and peak resident memory so far."""
+        model = self.runner.model
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights += sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
+                       if getattr(m, "packed", None) is not None)
+        return {"rank": self.dist_init.rank, "weight_bytes": weights, "peak_rss_bytes": _status_bytes("VmHWM"),
+                "rss_bytes": _status_bytes("VmRSS")}
+
     def shutdown(self) -> None:
         if self.ctx is not None:
             destroy_parallel_context(self.ctx)
             self.ctx = None
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _available_ram() -> int:
