@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/shardserve generate -tp 2 --max-tokens 48 \
+	$(VENV)/bin/shardserve generate -tp 2 -pp 2 --max-tokens 48 \
 	    "What is the capital of France?" "Write a haiku about the sea."
 
 test: $(STAMP)

@@ -43,6 +43,7 @@ class MultiprocExecutor(Executor):
         self.pending: deque[Future] = deque()           # execute_model futures, oldest first
         self.failure: WorkerError | None = None
         self.expected = [0] * self.world_size           # replies each rank still owes us
+        self.ring_unlinked = False
         ctx = mp.get_context("spawn")
         self.commands = BroadcastWriter(f"shardserve-{self.launch_id}-bcast",
                                         [ctx.Semaphore(0) for _ in range(self.world_size)])
@@ -131,7 +132,16 @@ class MultiprocExecutor(Executor):
         assert not self.pending, "collective_rpc while steps are in flight"
         self._broadcast(method, args, list(range(self.world_size)))
         timeout = STARTUP_TIMEOUT_S if method in ("init_device", "load_model") else 120.0
-        return [self._read(rank, timeout) for rank in range(self.world_size)]
+        results = [self._read(rank, timeout) for rank in range(self.world_size)]
+        if not self.ring_unlinked:
+            # Every rank maps the broadcast ring before its first answer: drop the /dev/shm name now (the memory
+            # lives while mapped), so even a SIGKILLed driver leaves nothing behind.
+            self.ring_unlinked = True
+            try:
+                os.unlink(self.commands.path)
+            except FileNotFoundError:
+                pass
+        return results
 
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         self._broadcast("execute_model", (sched,), [self.output_rank])
