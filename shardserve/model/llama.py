@@ -117,9 +117,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, intermediate: dict[str, torch.Tensor] | None = None):
         return self.model(batch, intermediate)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[S, hidden] -> [S, vocab] float32 logits, identical on every TP rank."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> [S, vocab] float32 logits on tp_rank 0; None on the other TP ranks."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def checkpoint_aliases(self) -> dict[str, str]:
         """Checkpoint names that feed an extra parameter: tied embeddings load the LM head too."""

@@ -74,8 +74,8 @@ class ModelRunner:
         result = ModelRunnerOutput(step_id=sched.step_id)
         if not sample_ids:
             return result
-        logits = self.model.compute_logits(out[batch.logits_indices])      # [S, vocab], same on all TP ranks
-        if not sample_here:
+        logits = self.model.compute_logits(out[batch.logits_indices])      # [S, vocab] on tp_rank 0 only
+        if not sample_here or logits is None:
             return result
         reqs = [self.requests[i] for i in sample_ids]
         sampled = sample(logits, [SampleRequest(r.params, r.seed, r.prompt_token_ids, r.output_token_ids)

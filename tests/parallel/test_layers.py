@@ -114,7 +114,11 @@ def test_vocab_embedding_and_lm_head_with_padding(world):
     emb = _weights(1, vocab, HIDDEN)
     ids = torch.tensor([0, 1, 250, 251, 500, 501, 752, 753, 1002])
     hidden = _weights(2, 4, HIDDEN)
-    for e_out, logits in run_ranks(vocab_embed_and_head, world, ids, emb, hidden):
+    results = run_ranks(vocab_embed_and_head, world, ids, emb, hidden)
+    for rank, (e_out, logits) in enumerate(results):
         torch.testing.assert_close(e_out, emb[ids])
+        if rank > 0:
+            assert logits is None                           # only tp_rank 0 samples, so only it gets logits
+            continue
         assert logits.shape == (4, vocab)                   # padding trimmed: never sampled
         torch.testing.assert_close(logits, hidden @ emb.T, rtol=1e-4, atol=1e-3)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardserve.distributed.comm import all_gather, all_reduce
+from shardserve.distributed.comm import all_reduce, gather_to_first
 from shardserve.distributed.parallel_state import ParallelGroup
 from shardserve.model.layers.linear import LinearBase, copy_into
 
@@ -56,11 +56,8 @@ class ParallelLMHead(LinearBase):
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         self.shard.load(param, loaded)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.matmul(hidden, None)                          # [N, padded]
-        if self.tp.size > 1:
-            # Shards are contiguous and only the tail carries padding, so the real vocab comes first.
-            logits = all_gather(logits, self.tp, dim=-1)[:, : self.shard.vocab_size]   # [N, vocab]
-        elif self.shard.padded != self.shard.vocab_size:
-            logits = logits[:, : self.shard.vocab_size]
-        return logits
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[N, hidden] -> [N, vocab] logits on tp_rank 0 (the only rank that samples); None elsewhere."""
+        logits = gather_to_first(self.matmul(hidden, None), self.tp, dim=-1)    # [N, padded * tp]
+        # Shards are contiguous and only the tail carries padding, so the real vocab comes first.
+        return None if logits is None else logits[:, : self.shard.vocab_size]
