@@ -76,11 +76,12 @@ async def run_load(url: str, prompts, out_len: int, concurrency: int, rate: floa
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
 
-def offline_tok_s(model: str, prompts, out_len: int, args: argparse.Namespace) -> float:
+def offline_tok_s(model: str, prompts, out_len: int, args: argparse.Namespace, concurrency: int) -> float:
+    """The offline engine on the same requests, at most `concurrency` of them running at once."""
     from shardserve import LLM, SamplingParams
 
     with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_model_len=args.max_model_len,
-             max_num_seqs=args.max_num_seqs) as llm:
+             max_num_seqs=concurrency) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)
         t = time.perf_counter()
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, ns.plot)
         print(f"plot written to {ns.plot}")
     if ns.compare_offline:
-        off = offline_tok_s(model, prompts, ns.output_len, ns)
+        off = offline_tok_s(model, prompts, ns.output_len, ns, rows[-1]["concurrency"])
         print(f"\noffline engine, same workload: {off:.1f} output tok/s; server at concurrency {rows[-1]['concurrency']}: "
               f"{rows[-1]['tok_s']:.1f} ({rows[-1]['tok_s'] / off:.2f}x)")
     return 0
