@@ -23,6 +23,8 @@ ENV_VARS: dict[str, str] = {
     "OMPI_COMM_WORLD_LOCAL_SIZE": "number of processes on this node under Open MPI's mpirun",
     "PMI_RANK": "global rank under MPICH / Intel MPI (PMI)",
     "PMI_SIZE": "number of processes under MPICH / Intel MPI (PMI)",
+    "RAY_ADDRESS": "Ray cluster the ray executor joins (else a running local one via address='auto', else a new local Ray)",
+    "GLOO_SOCKET_IFNAME": "interface Gloo uses; the ray executor sets it per actor to the one carrying the node's host IP",
 }
 
 

@@ -125,6 +125,7 @@ def init_parallel_context(
     use_shm: bool = True,
     timeout_s: float = 300,
     shm_slot_bytes: int = DEFAULT_SLOT_BYTES,
+    host_id: str = "",
 ) -> ParallelContext:
     """Join the process group and build this rank's TP and PP groups.
 
@@ -132,6 +133,7 @@ def init_parallel_context(
     client connects to master_addr:master_port (the driver's `create_store`). CPU TP groups whose
     members all run on this host get a shared-memory communicator when use_shm is set (x86 only);
     `launch_id` (unique per launch) names its segment. PP groups always use torch.distributed.
+    `host_id` names this node (e.g. its advertised host IP); default: hostname plus boot id.
     """
     tp_groups, pp_groups = build_groups(world_size, tp, pp)
     if not 0 <= rank < world_size:
@@ -160,7 +162,7 @@ def init_parallel_context(
 
     if use_shm and SHM_SUPPORTED and device.type == "cpu" and tp_group.size > 1:
         prefix = f"shardserve/{launch_id}"
-        store.set(f"{prefix}/host/{rank}", _host_id())
+        store.set(f"{prefix}/host/{rank}", host_id or _host_id())
         hosts = {store.get(f"{prefix}/host/{r}").decode() for r in tp_group.ranks}
         if len(hosts) == 1:
             try:

@@ -28,6 +28,7 @@ class DistInit:
     master_port: int = 0
     launch_id: str = ""
     timeout_s: float = 300.0
+    host_id: str = ""                 # node identity for shared-memory TP (Ray: the advertised host IP)
 
 
 class Worker:
@@ -47,7 +48,7 @@ class Worker:
             self.ctx = init_parallel_context(d.rank, par.world_size, par.tensor_parallel_size,
                                              par.pipeline_parallel_size, master_addr=d.master_addr,
                                              master_port=d.master_port, device=device, launch_id=d.launch_id,
-                                             timeout_s=d.timeout_s)
+                                             timeout_s=d.timeout_s, host_id=d.host_id)
 
     def load_model(self) -> None:
         mc = self.config.model
