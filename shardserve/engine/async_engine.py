@@ -91,6 +91,12 @@ class AsyncEngine:
                 self.stats = dict(engine.stats(), num_requests=0)
                 self.wakeup.wait(timeout=1.0)
                 self.wakeup.clear()
+                try:
+                    engine.executor.check_health()      # a worker that dies while idle must show in /health
+                except Exception as exc:
+                    engine.dead = exc
+                    self._die(exc)
+                    return
                 continue
             try:
                 outputs = engine.step()

@@ -3,18 +3,41 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shardserve.sampling_params import SamplingParams
 
 MAX_TOKENS_CAP = 1 << 16
 
 
+def _check_unicode(value) -> None:
+    """JSON may carry lone surrogates (\\udcff); the tokenizer cannot take them: refuse them as a 400."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"strings must be valid Unicode (lone surrogate at position {exc.start})") from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+
+
+class _Request(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        _check_unicode(data)
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Request):
     model_config = ConfigDict(extra="allow")       # clients send fields we do not use; ignore them
 
     model: str | None = None
@@ -68,7 +91,10 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):        # OpenAI content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            texts = [part.get("text", "") for part in self.content if part.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("a content part of type 'text' needs a string 'text'")
+            return "".join(texts)
         return self.content or ""
 
 
@@ -80,13 +106,13 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
