@@ -83,7 +83,10 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            try:
+                return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            except (TypeError, UnicodeError) as exc:     # e.g. lone surrogates from undecodable bytes
+                raise ValueError(f"the prompt is not valid Unicode text ({exc}); decode its bytes first") from exc
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
@@ -175,7 +178,7 @@ class LLMEngine:
                 entry.setdefault(token, Logprob(lp))
                 req.logprobs[i].append(entry)
                 req.cumulative[i] += lp
-            if not seq.is_finished and req.params.stop:
+            if req.params.stop and seq.finish_reason in (None, "length"):
                 self._check_stop_strings(req, seq, len(delta))
             touched[req.request_id] = req
         return list(touched.values())
@@ -188,7 +191,10 @@ class LLMEngine:
             if at >= 0:
                 end = at + len(stop) if req.params.include_stop_str_in_output else at
                 req.texts[i] = text[:end]
-                self.scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED, "stop", stop_reason=stop)
+                if seq.is_finished:             # the same token also hit max_tokens: the stop string wins
+                    seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, "stop", stop
+                else:
+                    self.scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED, "stop", stop_reason=stop)
                 return
 
     def _make_output(self, req: _Request) -> RequestOutput:

@@ -181,18 +181,12 @@ NON_UTF8 = b"\xff\xfe caf\xe9".decode("utf-8", errors="surrogateescape")
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="LLMEngine.tokenize lets the tokenizer's TypeError out for a str with lone surrogates "
-                          "(non-UTF-8 bytes decoded with surrogateescape) instead of a ValueError")
 def test_surrogate_prompt_is_a_value_error(llm):
     out = llm.generate(NON_UTF8, SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert out.error and out.outputs[0].finish_reason == "error"
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="LLMEngine._process skips stop strings on the token that also finishes the "
-                                       "sequence (max_tokens), so a stop string completed by the last token stays "
-                                       "in the text with finish_reason 'length'")
 def test_stop_string_completed_by_last_token(llm):
     ref = llm.reference                               # greedy, 6 tokens
     stop = ref.text[-2:]
