@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     for layout in ns.layouts.split(","):
         tp, pp = (int(x) for x in layout.split("x"))
         with LLM(ns.model, tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp",
-                 max_model_len=512, kv_cache_memory=16 << 20) as llm:
+                 max_model_len=512, kv_cache_memory=64 << 20) as llm:
             stats = llm.engine.executor.collective_rpc("memory_stats")
         for s in stats:
             print(f"| tp={tp} pp={pp} | {s['rank']} | {s['weight_bytes'] / 1e6:.0f} | {s['peak_rss_bytes'] / 1e6:.0f} |",
