@@ -48,6 +48,23 @@ class Executor(ABC):
         """Stop every worker and release what the launch created; safe to call twice."""
 
 
+class StepFuture(Future):
+    """A step's result, resolved lazily and in submission order when someone asks for it.
+
+    The executor keeps its unresolved futures, oldest first, in `pending` and resolves the oldest with
+    `_resolve_oldest()`; with pipeline parallelism several steps are in flight at once.
+    """
+
+    def __init__(self, executor: Executor):
+        super().__init__()
+        self.executor = executor
+
+    def result(self, timeout=None):
+        while not self.done() and self.executor.pending:
+            self.executor._resolve_oldest()
+        return super().result(timeout)
+
+
 def create_executor(config: EngineConfig) -> Executor:
     backend = config.parallel.backend
     if backend == "uni":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.parallel_state import create_store
-from shardserve.executor.base import Executor, WorkerError
+from shardserve.executor.base import Executor, WorkerError, StepFuture
 from shardserve.worker.worker import DistInit, Worker
 
 DEFAULT_BASE_PORT = 29500        # base port under mpirun when neither MASTER_PORT nor SHARDSERVE_PORT is set
@@ -128,7 +128,7 @@ class ExternalLauncherExecutor(Executor):
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         """Run this rank's part now (PP sends and receives happen in submission order on every rank);
         the broadcast of the result waits until the engine asks for it, so PP stages overlap."""
-        future = _StepFuture(self)
+        future = StepFuture(self)
         if self.failure is not None:
             future.set_exception(self.failure)
             return future
@@ -180,16 +180,3 @@ class ExternalLauncherExecutor(Executor):
         finally:
             self.worker = None
             self.store = None
-
-
-class _StepFuture(Future):
-    """Resolved lazily, in submission order, when someone asks for its result."""
-
-    def __init__(self, executor: ExternalLauncherExecutor):
-        super().__init__()
-        self.executor = executor
-
-    def result(self, timeout=None):
-        while not self.done() and self.executor.pending:
-            self.executor._resolve_oldest()
-        return super().result(timeout)

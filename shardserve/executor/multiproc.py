@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.parallel_state import create_store
-from shardserve.executor.base import Executor, WorkerError
+from shardserve.executor.base import Executor, WorkerError, StepFuture
 from shardserve.executor.shm_queue import BroadcastWriter
 from shardserve.executor.worker_proc import worker_main
 from shardserve.worker.worker import DistInit
@@ -145,7 +145,7 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         self._broadcast("execute_model", (sched,), [self.output_rank])
-        future = _StepFuture(self)
+        future = StepFuture(self)
         self.pending.append(future)
         return future
 
@@ -184,19 +184,6 @@ class MultiprocExecutor(Executor):
             self.commands.close()
             self.commands = None
         _unlink_launch_segments(self.launch_id)
-
-
-class _StepFuture(Future):
-    """Resolved lazily, in submission order, when someone asks for its result."""
-
-    def __init__(self, executor: MultiprocExecutor):
-        super().__init__()
-        self.executor = executor
-
-    def result(self, timeout=None):
-        while not self.done():
-            self.executor._resolve_oldest()
-        return super().result(timeout)
 
 
 class _ClosedConn:

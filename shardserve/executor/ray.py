@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.parallel_state import create_store
-from shardserve.executor.base import Executor, WorkerError
+from shardserve.executor.base import Executor, WorkerError, StepFuture
 from shardserve.worker.worker import DistInit
 
 RAY_TIMEOUT_S = 180.0         # placement group ready, rendezvous, startup RPCs: a clear error, never a hang
@@ -208,7 +208,7 @@ class RayExecutor(Executor):
         if self.failure is not None:
             raise self.failure
         refs = [a.call.remote("execute_model", sched) for a in self.actors]
-        future = _StepFuture(self)
+        future = StepFuture(self)
         self.pending.append((future, refs))
         return future
 
@@ -251,16 +251,3 @@ class RayExecutor(Executor):
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
             self.started_ray = False
-
-
-class _StepFuture(Future):
-    """Resolved lazily, in submission order, when someone asks for its result."""
-
-    def __init__(self, executor: RayExecutor):
-        super().__init__()
-        self.executor = executor
-
-    def result(self, timeout=None):
-        while not self.done() and self.executor.pending:
-            self.executor._resolve_oldest()
-        return super().result(timeout)
