@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shardserve.config import EngineConfig
 from shardserve.core.block_manager import BlockManager
@@ -37,7 +37,6 @@ class _Request:
     first_token_time: float | None = None
     error: str | None = None
     stop_buffer: int = 0                     # chars held back while a stop string may still be forming
-    metrics: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -6,7 +6,7 @@ so all stages agree on the tokens even though only the last stage samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,16 +25,18 @@ class RequestState:
     params: SamplingParams
     seed: int
     block_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)   # prompt + outputs, kept in step (no per-step concat)
+
+    def __post_init__(self) -> None:
+        self.token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append_outputs(self, new_token_ids: list[int]) -> None:
+        self.output_token_ids += new_token_ids
+        self.token_ids += new_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def tokens(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        return len(self.token_ids)
 
 
 class ModelRunner:
@@ -96,7 +98,7 @@ class ModelRunner:
             computed[new.req_id] = new.num_computed_tokens
         for cached in sched.cached_requests:
             state = self.requests[cached.req_id]
-            state.output_token_ids += cached.new_token_ids
+            state.append_outputs(cached.new_token_ids)
             state.block_ids += cached.new_block_ids
             computed[cached.req_id] = cached.num_computed_tokens
         return computed
@@ -106,7 +108,7 @@ class ModelRunner:
         for req_id, n in sched.num_scheduled_tokens.items():
             state, start = self.requests[req_id], computed[req_id]
             end = start + n
-            chunk = SeqChunk(state.tokens(start, end), start, state.block_ids, end == state.num_tokens)
+            chunk = SeqChunk(state.token_ids[start:end], start, state.block_ids, end == state.num_tokens)
             (decode if n == 1 and start > 0 else prefill).append((req_id, chunk))
         ordered = decode + prefill
         batch = build_forward_batch([c for _, c in ordered], self.block_size, self.device)

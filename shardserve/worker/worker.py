@@ -89,10 +89,6 @@ class Worker:
             return None
         return out if ctx.tp.is_first else None
 
-    @property
-    def is_output_rank(self) -> bool:
-        return self.ctx.pp.is_last and self.ctx.tp.is_first
-
     def check_health(self) -> bool:
         return True
 
