@@ -60,6 +60,12 @@ class ParallelConfig:
     distributed_executor_backend: str | None = None      # None: "uni" for one rank, else "mp"
     device: str = "cpu"                                   # "cpu" | "cuda"
     threads_per_rank: int | None = None                   # None: cores / local ranks (SHARDSERVE_NUM_THREADS)
+    # Multi-node without Ray: node 0 runs the engine, nodes 1..nnodes-1 run `serve --headless`.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None                        # node 0's address, reachable from every node
+    master_port: int = 29501                              # node 0's control port (store + headless nodes)
+    distributed_timeout_seconds: float = 300.0            # how long start-up waits for nodes and ranks to join
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -72,13 +78,42 @@ class ParallelConfig:
         if backend == "uni" and self.world_size > 1:
             raise ValueError("distributed_executor_backend='uni' runs one rank; use 'mp' or 'ray' for "
                              f"tensor_parallel_size * pipeline_parallel_size = {self.world_size}")
+        self._check_nodes()
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda":
             visible = torch.cuda.device_count()
-            if backend not in ("ray", "external_launcher") and self.world_size > visible:
-                raise ValueError(f"tensor_parallel_size * pipeline_parallel_size = {self.world_size} needs that many "
-                                 f"GPUs but {visible} are visible (CUDA_VISIBLE_DEVICES); use fewer ranks")
+            if backend not in ("ray", "external_launcher") and self.ranks_per_node > visible:
+                raise ValueError(f"{self.ranks_per_node} ranks on this node (tensor_parallel_size * "
+                                 f"pipeline_parallel_size / nnodes) need that many GPUs but {visible} are visible "
+                                 "(CUDA_VISIBLE_DEVICES); use fewer ranks or more nodes")
+
+    def _check_nodes(self) -> None:
+        if not isinstance(self.nnodes, int) or self.nnodes < 1:
+            raise ValueError(f"nnodes must be an integer >= 1, got {self.nnodes!r}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if not 0 < self.distributed_timeout_seconds:
+            raise ValueError(f"distributed_timeout_seconds must be > 0, got {self.distributed_timeout_seconds}")
+        if not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be a port number in 1..65535, got {self.master_port}")
+        if self.nnodes == 1:
+            return
+        if self.node_rank != 0:
+            raise ValueError(f"node_rank {self.node_rank} does not run the engine: start it with "
+                             "`shardserve serve --headless --nnodes N --node-rank R --master-addr A --master-port P`")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size * pipeline_parallel_size = {self.world_size} ranks cannot be "
+                             f"spread evenly over nnodes={self.nnodes}; use a world size that is a multiple of it")
+        if self.backend != "mp":
+            raise ValueError(f"nnodes={self.nnodes} runs on the 'mp' executor (node agents); with "
+                             f"distributed_executor_backend={self.backend!r} leave nnodes at 1 (Ray spans nodes itself)")
+        if not self.master_addr:
+            raise ValueError("nnodes > 1 needs master_addr (--master-addr): node 0's address that every node reaches")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
 
     @property
     def world_size(self) -> int:

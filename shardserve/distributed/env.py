@@ -9,6 +9,10 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_HOST_IP": "address this node advertises to the others (must differ per node); default 127.0.0.1",
     "SHARDSERVE_PORT": "base port for rendezvous; later ports count up from it; unset = pick free ports",
     "SHARDSERVE_PP_LAYER_PARTITION": 'layers per pipeline stage, comma-separated, e.g. "16,14"',
+    "SHARDSERVE_SECRET": "launch secret shared by every node of a --nnodes launch (required there; e.g. "
+                         "`openssl rand -hex 32`): authenticates the control port and the rendezvous store",
+    "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
+                                    "default 10",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
     "CUDA_VISIBLE_DEVICES": "GPUs a worker may see (set by the executor, or by the user)",
     "LOCAL_RANK": "rank of this process on its node (torchrun)",
@@ -83,6 +87,31 @@ def pp_layer_partition() -> list[int] | None:
             f"SHARDSERVE_PP_LAYER_PARTITION={value!r}: every stage needs at least one layer, e.g. \"16,14\""
         )
     return parts
+
+
+def launch_secret() -> bytes | None:
+    """SHARDSERVE_SECRET as bytes, or None when unset; refuses secrets too short to resist guessing."""
+    value = _get("SHARDSERVE_SECRET")
+    if value is None:
+        return None
+    if len(value) < 16:
+        raise ValueError("SHARDSERVE_SECRET is shorter than 16 characters; use a random one, e.g. "
+                         "`export SHARDSERVE_SECRET=$(openssl rand -hex 32)`, the same on every node")
+    return value.encode()
+
+
+def heartbeat_timeout() -> float:
+    """SHARDSERVE_HEARTBEAT_TIMEOUT in seconds (default 10)."""
+    value = _get("SHARDSERVE_HEARTBEAT_TIMEOUT")
+    if value is None:
+        return 10.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"SHARDSERVE_HEARTBEAT_TIMEOUT={value!r}: expected a number of seconds") from None
+    if seconds < 2:
+        raise ValueError(f"SHARDSERVE_HEARTBEAT_TIMEOUT={value!r}: expected at least 2 seconds (heartbeats are 1 s apart)")
+    return seconds
 
 
 def threads_override() -> int | None:

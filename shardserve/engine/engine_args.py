@@ -26,6 +26,11 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     threads_per_rank: int | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = 29501
+    distributed_timeout_seconds: float = 300.0
 
     def create_config(self) -> EngineConfig:
         path = self.model or default_model_path()
@@ -35,7 +40,9 @@ class EngineArgs:
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
-                                  self.distributed_executor_backend, device, self.threads_per_rank)
+                                  self.distributed_executor_backend, device, self.threads_per_rank, self.nnodes,
+                                  self.node_rank, self.master_addr, self.master_port,
+                                  self.distributed_timeout_seconds)
         max_len = self.max_model_len or spec.max_position_embeddings
         if spec.sliding_window is not None and self.max_model_len is None:
             max_len = min(max_len, spec.sliding_window)
@@ -68,6 +75,14 @@ class EngineArgs:
         parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
         parser.add_argument("--threads-per-rank", type=int, default=None)
+        nodes = parser.add_argument_group("multi-node without Ray (node 0 runs the engine, others --headless)")
+        nodes.add_argument("--nnodes", type=int, default=1, help="number of nodes; ranks are split evenly")
+        nodes.add_argument("--node-rank", type=int, default=0, help="this node's index, 0 = the engine's node")
+        nodes.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node")
+        nodes.add_argument("--master-port", type=int, default=29501,
+                           help="node 0's control port (authenticated with SHARDSERVE_SECRET)")
+        nodes.add_argument("--distributed-timeout-seconds", type=float, default=300.0,
+                           help="how long start-up waits for nodes and ranks to join")
         return parser
 
     @classmethod

@@ -47,6 +47,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--max-waiting-requests", type=int, default=None)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--headless", action="store_true",
+                        help="run only this node's ranks for node 0's engine (with --nnodes, --node-rank >= 1, "
+                             "--master-addr, --master-port; no API server)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    if ns.headless:
+        from shardserve.executor.node_agent import run_headless
+        return run_headless(ns.nnodes, ns.node_rank, ns.master_addr, ns.master_port, ns.distributed_timeout_seconds)
     from shardserve.entrypoints.openai.server import run_server
     return run_server(ns)
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"shardserve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,12 +1,13 @@
-"""Multiprocessing executor: one spawned worker process per rank on this node.
+"""Multiprocessing executor: one spawned worker process per rank, on this node and on headless nodes.
 
-The driver creates the rendezvous store first (so workers join in milliseconds), sends every RPC to all
-ranks, and reads replies while watching each process's sentinel: a worker that dies or raises becomes a
-WorkerError naming its rank and cause, and every other worker is stopped.
+The driver opens its authenticated control port first (the ranks' rendezvous store, and where headless nodes
+join), spawns this node's ranks, links in every headless node's ranks (--nnodes), sends every RPC to all
+ranks, and reads replies while watching each rank's sentinel (process sentinel here, heartbeat-backed
+stand-in for remote ranks): a worker that dies, raises or goes silent becomes a WorkerError naming its rank
+and cause, and every other worker is stopped.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import uuid
@@ -16,10 +17,11 @@ from multiprocessing.connection import wait
 
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
-from shardserve.distributed.parallel_state import create_store
+from shardserve.distributed.control_server import ControlServer, wait_for_agents
+from shardserve.distributed.netif import interface_for_ip
 from shardserve.executor.base import Executor, WorkerError, StepFuture
-from shardserve.executor.shm_queue import BroadcastWriter
-from shardserve.executor.worker_proc import worker_main
+from shardserve.executor.local_workers import LocalWorkers, death_cause
+from shardserve.executor.node_link import NodeLink, RemoteRank
 from shardserve.worker.worker import DistInit
 
 STARTUP_TIMEOUT_S = 600.0
@@ -31,44 +33,87 @@ class MultiprocExecutor(Executor):
         par = config.parallel
         self.world_size = par.world_size
         self.launch_id = uuid.uuid4().hex[:12]
-        host = env.host_ip()
-        try:
-            self.store = create_store(host, env.base_port() or 0, self.world_size)
-        except Exception as exc:
-            raise ValueError(f"cannot listen on {host}:{env.base_port()} for rendezvous ({exc}); "
-                             "set SHARDSERVE_PORT to a free port or unset it") from exc
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
-        self.procs: list[mp.Process] = []
-        self.conns = []
         self.pending: deque[Future] = deque()           # execute_model futures, oldest first
         self.failure: WorkerError | None = None
         self.expected = [0] * self.world_size           # replies each rank still owes us
-        self.ring_unlinked = False
-        ctx = mp.get_context("spawn")
-        self.commands = BroadcastWriter(f"shardserve-{self.launch_id}-bcast",
-                                        [ctx.Semaphore(0) for _ in range(self.world_size)])
-        child_env = {"WORLD_SIZE": str(self.world_size), "MASTER_ADDR": host, "MASTER_PORT": str(self.store.port)}
+        self.links: list[NodeLink] = []
+        self.local: LocalWorkers | None = None
+        self.procs: list = []                           # mp.Process here, RemoteRank for other nodes; rank order
+        self.conns: list = []                           # reply connection per rank
+        multinode = par.nnodes > 1
+        if multinode:
+            secret = env.launch_secret()
+            if secret is None:
+                raise ValueError("nnodes > 1 needs SHARDSERVE_SECRET, the same on every node (e.g. `export "
+                                 "SHARDSERVE_SECRET=$(openssl rand -hex 32)` once, then on every node)")
+            host, port = par.master_addr, par.master_port
+        else:
+            secret, host, port = os.urandom(32), env.host_ip(), env.base_port() or 0
+        try:
+            self.server = ControlServer(host, port, secret)
+        except OSError as exc:
+            flag = "--master-addr/--master-port" if multinode else "SHARDSERVE_HOST_IP/SHARDSERVE_PORT"
+            raise ValueError(f"cannot listen on {host}:{port} for the control port and rendezvous ({exc}); "
+                             f"set {flag} to a free port on this host's address") from exc
+        per_node = par.ranks_per_node
+        child_env = {"WORLD_SIZE": str(self.world_size), "MASTER_ADDR": host, "MASTER_PORT": str(self.server.port)}
         if par.device == "cuda" and "CUDA_VISIBLE_DEVICES" in os.environ:
             child_env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
-        for rank in range(self.world_size):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            dist_init = DistInit(rank=rank, local_rank=rank, local_world_size=self.world_size, master_addr=host,
-                                 master_port=self.store.port, launch_id=self.launch_id)
-            proc = ctx.Process(target=worker_main, name=f"shardserve-rank{rank}", daemon=True,
-                               args=(config, dist_init, child_end, self.commands.reader_handle(rank),
-                                     {**child_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-            proc.start()
-            child_end.close()
-            self.procs.append(proc)
-            self.conns.append(parent_end)
+
+        def dist_inits(node: int, node_host: str) -> list[DistInit]:
+            return [DistInit(rank=node * per_node + i, local_rank=i, local_world_size=per_node, master_addr=host,
+                             master_port=self.server.port, launch_id=self.launch_id,
+                             timeout_s=par.distributed_timeout_seconds, host_id=node_host if multinode else "",
+                             secret=secret) for i in range(per_node)]
+
+        try:
+            local_env = dict(child_env)
+            ifname = interface_for_ip(host) if multinode else None
+            if ifname and "GLOO_SOCKET_IFNAME" not in os.environ:
+                local_env["GLOO_SOCKET_IFNAME"] = ifname
+            self.local = LocalWorkers(config, dist_inits(0, host), local_env, self.launch_id)
+            self.procs = list(self.local.procs)
+            self.conns = list(self.local.conns)
+            if multinode:
+                self._join_nodes(config, host, dist_inits, child_env)
+        except BaseException:
+            self._stop_workers(graceful=False)
+            raise
+
+    def _join_nodes(self, config, host: str, dist_inits, child_env: dict) -> None:
+        """Wait for every headless node, check their addresses, start their ranks and link them in."""
+        par = self.config.parallel
+        joined = wait_for_agents(self.server, set(range(1, par.nnodes)), par.distributed_timeout_seconds)
+        owner = {host: 0}
+        for node in sorted(joined):
+            channel, (_, node_host, _pid) = joined[node]
+            if owner.setdefault(node_host, node) != node:
+                raise ValueError(f"nodes {owner[node_host]} and {node} both advertise the address {node_host}; set "
+                                 "SHARDSERVE_HOST_IP on each node to its own reachable address")
+        for node in sorted(joined):
+            channel, (_, node_host, _pid) = joined[node]
+            inits = dist_inits(node, node_host)
+            channel.send(("start", config, inits, child_env, self.launch_id))
+            channel.settimeout(par.distributed_timeout_seconds)
+            reply = channel.recv()
+            if reply[0] != "started":
+                raise WorkerError(f"node {node} ({node_host}) failed to start its ranks: {reply[1]}")
+            link = NodeLink(node, node_host, channel, [d.rank for d in inits], reply[1], env.heartbeat_timeout())
+            self.links.append(link)
+            self.procs.extend(link.handles)
+            self.conns.extend(link.reply_conns)
 
     # ---- messaging ----------------------------------------------------------------------------------
     def _broadcast(self, method: str, args: tuple, repliers: list[int]) -> None:
         self._raise_if_failed()
         for rank in repliers:
             self.expected[rank] += 1
+        payload = pickle.dumps((method, args))
+        for link in self.links:
+            link.send_command(payload)
         try:
-            self.commands.write(pickle.dumps((method, args)), alive=self._all_alive)
+            self.local.write(payload, alive=self._all_alive)
         except BrokenPipeError:
             self.check_health()
 
@@ -107,11 +152,9 @@ class MultiprocExecutor(Executor):
 
     def _death_error(self, rank: int) -> WorkerError:
         proc = self.procs[rank]
-        proc.join(timeout=1.0)
-        code = proc.exitcode
-        cause = (f"was killed by signal {-code}" if code is not None and code < 0 else
-                 f"exited with code {code}" if code is not None else "stopped answering")
-        return WorkerError(f"worker rank {rank} (pid {proc.pid}) {cause}")
+        if isinstance(proc, RemoteRank):
+            return WorkerError(proc.describe_death())
+        return WorkerError(f"worker rank {rank} (pid {proc.pid}) {death_cause(proc)}")
 
     def _fail(self, error: WorkerError):
         if self.failure is None:
@@ -133,14 +176,7 @@ class MultiprocExecutor(Executor):
         self._broadcast(method, args, list(range(self.world_size)))
         timeout = STARTUP_TIMEOUT_S if method in ("init_device", "load_model") else 120.0
         results = [self._read(rank, timeout) for rank in range(self.world_size)]
-        if not self.ring_unlinked:
-            # Every rank maps the broadcast ring before its first answer: drop the /dev/shm name now (the memory
-            # lives while mapped), so even a SIGKILLed driver leaves nothing behind.
-            self.ring_unlinked = True
-            try:
-                os.unlink(self.commands.path)
-            except FileNotFoundError:
-                pass
+        self.local.unlink_ring()       # every local rank mapped the ring before its first answer
         return results
 
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
@@ -165,25 +201,17 @@ class MultiprocExecutor(Executor):
         self._stop_workers(graceful=self.failure is None)
 
     def _stop_workers(self, graceful: bool) -> None:
-        if graceful and self._all_alive() and self.commands is not None:
-            try:
-                self.commands.write(pickle.dumps(("shutdown", ())), alive=self._all_alive)
-            except BrokenPipeError:
-                pass
-            for proc in self.procs:
-                proc.join(timeout=5.0)
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.procs:
-            proc.join(timeout=5.0)
-        for conn in self.conns:
-            conn.close()
+        payload = pickle.dumps(("shutdown", ())) if graceful and self._all_alive() else None
+        for link in self.links:
+            if payload is not None:
+                link.send_command(payload)
+        if self.local is not None:
+            self.local.stop(payload)
+            self.local = None
+        for link in self.links:
+            link.close(graceful=payload is not None)
         self.conns = [_ClosedConn() for _ in self.conns]
-        if self.commands is not None:
-            self.commands.close()
-            self.commands = None
-        _unlink_launch_segments(self.launch_id)
+        self.server.close()
 
 
 class _ClosedConn:
@@ -192,17 +220,3 @@ class _ClosedConn:
 
     def fileno(self):
         raise OSError("executor is shut down")
-
-
-def _unlink_launch_segments(launch_id: str) -> None:
-    """Remove any shared-memory segment of this launch that a killed worker could not."""
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return
-    for name in names:
-        if launch_id in name:
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except OSError:
-                pass

@@ -9,34 +9,19 @@ shared-memory TP) is that advertised IP, never a /dev/shm probe.
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections import deque
 from concurrent.futures import Future
 
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
+from shardserve.distributed.netif import interface_for_ip
 from shardserve.distributed.parallel_state import create_store
 from shardserve.executor.base import Executor, WorkerError, StepFuture
 from shardserve.worker.worker import DistInit
 
 RAY_TIMEOUT_S = 180.0         # placement group ready, rendezvous, startup RPCs: a clear error, never a hang
 RPC_TIMEOUT_S = 120.0
-
-
-def interface_for_ip(ip: str) -> str | None:
-    """The network interface that carries `ip` on this host (parsed from `ip -o -4 addr`), or None."""
-    if ip.startswith("127."):
-        return "lo"
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():   # "2: veth0    inet 10.213.7.1/24 brd ... scope global veth0"
-        parts = line.split()
-        if len(parts) >= 4 and parts[2] == "inet" and parts[3].split("/")[0] == ip:
-            return parts[1].split("@")[0]
-    return None
 
 
 def advertised_ip() -> str:

@@ -12,6 +12,7 @@ import torch
 from shardserve.config import EngineConfig, layer_ranges
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed.comm import recv_tensors, send_tensors
+from shardserve.distributed.control_server import SecureStore
 from shardserve.distributed.parallel_state import (ParallelContext, destroy_parallel_context,
                                                    init_parallel_context)
 from shardserve.model.loader import load_model
@@ -29,6 +30,7 @@ class DistInit:
     launch_id: str = ""
     timeout_s: float = 300.0
     host_id: str = ""                 # node identity for shared-memory TP (Ray: the advertised host IP)
+    secret: bytes = b""               # launch secret for the driver's authenticated store; empty: plain TCPStore
 
 
 class Worker:
@@ -45,10 +47,11 @@ class Worker:
         if par.world_size == 1:
             self.ctx = ParallelContext.single(device)
         else:
+            store = SecureStore(d.master_addr, d.master_port, d.secret, d.timeout_s) if d.secret else None
             self.ctx = init_parallel_context(d.rank, par.world_size, par.tensor_parallel_size,
                                              par.pipeline_parallel_size, master_addr=d.master_addr,
                                              master_port=d.master_port, device=device, launch_id=d.launch_id,
-                                             timeout_s=d.timeout_s, host_id=d.host_id)
+                                             timeout_s=d.timeout_s, host_id=d.host_id, store=store)
 
     def load_model(self) -> None:
         mc = self.config.model
