@@ -29,7 +29,10 @@ class AsyncEngine:
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.dead: Exception | None = None
         self.stopping = False
-        self.stats = dict(engine.stats(), num_requests=0)
+        self.max_running = engine.config.scheduler.max_num_seqs * engine.executor.max_concurrent_batches
+        self.num_submitted = 0                  # sequences submitted (event loop side)
+        self.num_added = 0                      # sequences the engine thread took in (or dropped)
+        self._publish_stats()
         self.thread = threading.Thread(target=self._loop, name="shardserve-engine", daemon=True)
         self.thread.start()
 
@@ -44,16 +47,34 @@ class AsyncEngine:
         self.engine.validate_prompt(ids)
         return text, ids
 
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative RequestOutputs until the request finishes; aborts it if the consumer stops."""
+    def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue the request now and return its cumulative RequestOutputs, until it finishes.
+
+        Refusals happen here, before anything is queued: EngineDeadError, OverflowError (the waiting queue is
+        full) or ValueError (a bad prompt), so a server can still answer with an error status. Closing the
+        iterator early aborts the request.
+        """
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
-        if self.max_waiting_requests is not None and self.stats["num_waiting"] >= self.max_waiting_requests:
-            raise OverflowError(f"{self.stats['num_waiting']} requests are already waiting")
+        waiting = self.num_waiting()
+        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+            raise OverflowError(f"{waiting} requests are already waiting")
         text, ids = self.prepare(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), stream)
+        self.num_submitted += params.n
         self._send(("add", request_id, {"prompt": text, "prompt_token_ids": ids}, params, time.time()))
+        return self._outputs(request_id, stream)
+
+    def num_waiting(self) -> int:
+        """Sequences that will wait: the engine's last count, plus those submitted since that its free running
+        slots will not take (none are free for them when some already wait: the KV cache is the limit)."""
+        stats = self.stats
+        submitted_since = self.num_submitted - stats["num_added"]
+        free = 0 if stats["num_waiting"] else max(0, self.max_running - stats["num_running"])
+        return stats["num_waiting"] + max(0, submitted_since - free)
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
@@ -70,6 +91,7 @@ class AsyncEngine:
                 self._send(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
         self._send(("abort", request_id))
 
     def shutdown(self) -> None:
@@ -88,7 +110,7 @@ class AsyncEngine:
         while not self.stopping:
             self._drain_commands()
             if not engine.has_unfinished_requests():
-                self.stats = dict(engine.stats(), num_requests=0)
+                self._publish_stats()
                 self.wakeup.wait(timeout=1.0)
                 self.wakeup.clear()
                 try:
@@ -104,8 +126,12 @@ class AsyncEngine:
                 self._die(exc)
                 return
             for out in outputs:
-                self._deliver(out.request_id, out)
-            self.stats = dict(engine.stats(), num_requests=len(engine.requests))
+                self._deliver(out.request_id, out, last=out.finished)
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        """One consistent snapshot, replaced whole: the event loop reads it without a lock."""
+        self.stats = dict(self.engine.stats(), num_requests=len(self.engine.requests), num_added=self.num_added)
 
     def _drain_commands(self) -> None:
         while True:
@@ -115,17 +141,20 @@ class AsyncEngine:
                 return
             if command[0] == "add":
                 _, request_id, prompt, params, arrival = command
+                self.num_added += params.n
                 if request_id not in self.streams:
                     continue                    # its consumer already went away
                 try:
                     self.engine.add_request(request_id, prompt, params, arrival)
                 except ValueError as exc:
-                    self._deliver(request_id, exc)
+                    self._deliver(request_id, exc, last=True)
             elif command[0] == "abort":
                 self.engine.abort_request(command[1])
 
-    def _deliver(self, request_id: str, item) -> None:
-        target = self.streams.get(request_id)
+    def _deliver(self, request_id: str, item, last: bool = False) -> None:
+        """Hand an output (or an exception) to the request's consumer; the last one also forgets the stream,
+        so a request whose consumer never started leaves nothing behind."""
+        target = self.streams.pop(request_id, None) if last else self.streams.get(request_id)
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
@@ -134,4 +163,4 @@ class AsyncEngine:
         self.dead = exc
         error = EngineDeadError(f"the engine stopped: {exc}")
         for request_id in list(self.streams):
-            self._deliver(request_id, error)
+            self._deliver(request_id, error, last=True)

@@ -203,8 +203,14 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         prepared = [prepare(p, req.max_tokens, "prompt") for p in prompts]
         params = [req.sampling_params(min(16, _default_max(ids, max_len)), req.logprobs) for _, ids in prepared]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = [engine.generate(f"{request_id}-{i}", {"prompt": t, "prompt_token_ids": ids}, p)
-                   for i, ((t, ids), p) in enumerate(zip(prepared, params))]
+        streams = []
+        try:
+            for i, ((t, ids), p) in enumerate(zip(prepared, params)):
+                streams.append(engine.generate(f"{request_id}-{i}", {"prompt": t, "prompt_token_ids": ids}, p))
+        except Exception:                       # e.g. the queue filled up: none of this request runs
+            for i in range(len(streams)):
+                engine.abort(f"{request_id}-{i}")
+            raise
         echo = [(t if t is not None else tokenizer.decode(ids)) if req.echo else "" for t, ids in prepared]
         n = req.n
         if req.stream:
