@@ -119,13 +119,16 @@ class Scheduler:
         if len(self._in_flight_steps) >= self.max_in_flight:
             return None
         budget = self.max_num_batched_tokens
+        # With P batches in flight, a batch takes at most its share of the live sequences, ceil(live / P), so
+        # the pipeline's P batches all carry work even when one batch's budget would fit every sequence.
+        cap = min(self.max_num_seqs, -(-len(self.seqs) // self.max_in_flight))
         scheduled: dict[str, int] = {}                   # seq_id -> tokens, in batch order
         batch: list[Sequence] = []
         preempted = False
 
         # 1. running sequences that are not in flight: one decode token or the next prompt chunk.
         for seq in list(self.running):
-            if budget == 0 or len(batch) >= self.max_num_seqs:
+            if budget == 0 or len(batch) >= cap:
                 break
             if seq.in_flight or seq.status != SequenceStatus.RUNNING:
                 continue                                 # in flight, or preempted earlier in this loop
@@ -145,8 +148,8 @@ class Scheduler:
                 budget -= num_new
 
         # 2. waiting sequences, FCFS, while budget, the sequence caps and blocks allow (none after a preemption).
-        # max_num_seqs caps one batch; with P batches in flight up to P * max_num_seqs sequences run.
-        while (self.waiting and budget > 0 and not preempted and len(batch) < self.max_num_seqs
+        # `cap` (<= max_num_seqs) limits one batch; with P batches in flight up to P * max_num_seqs sequences run.
+        while (self.waiting and budget > 0 and not preempted and len(batch) < cap
                and len(self.running) < self.max_num_seqs * self.max_in_flight):
             seq = self.waiting[0]
             _, hit = self.block_manager.match_prefix(seq.all_token_ids)

@@ -73,7 +73,10 @@ class Sequence:
         self.needs_full_send: bool = True       # new or preempted: the next schedule sends NewRequestData
         # Pipeline parallelism: the step id of the batch it is in flight in (never scheduled twice at once).
         self.in_flight_step: int | None = None
-        self.pp_stage: int | None = None        # set by the engine, informational
+        # The pipeline stage the engine has dispatched it up to, informational: a model of the FIFO pipeline,
+        # not a measurement (of k batches in flight, the one submitted j submissions ago is at stage
+        # min(j, P - 1); see LLMEngine._advance_pp_stages). None while not in flight.
+        self.pp_stage: int | None = None
         # Outcome.
         self.finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None

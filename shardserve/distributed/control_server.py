@@ -123,6 +123,10 @@ class ControlServer:
     def close(self) -> None:
         self.closed = True
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)      # wakes the accept() thread; close() alone would not
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass

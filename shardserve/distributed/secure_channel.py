@@ -128,7 +128,10 @@ def connect(host: str, port: int, secret: bytes, timeout_s: float, retry: bool =
             time.sleep(0.2)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
+        try:
+            hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
+        except (EOFError, ConnectionResetError):
+            raise ConnectionError(f"{host}:{port} closed the connection before the handshake") from None
         if not hello.startswith(MAGIC):
             raise ConnectionError(f"{host}:{port} is not a shardserve control port")
         theirs, mine = hello[len(MAGIC):], os.urandom(NONCE_BYTES)

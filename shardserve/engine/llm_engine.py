@@ -63,7 +63,7 @@ class LLMEngine:
                                    sched_cfg.max_model_len, self.executor.max_concurrent_batches,
                                    eos_token_ids=config.model.spec.eos_token_ids)
         self.requests: dict[str, _Request] = {}
-        self.in_flight: deque = deque()
+        self.in_flight: deque = deque()      # (SchedulerOutput, future, its Sequences), oldest first
         self.rng = random.Random(config.model.seed)
         self.num_steps = 0
         self.dead: Exception | None = None
@@ -146,10 +146,12 @@ class LLMEngine:
         self._raise_if_dead()
         sched = self.scheduler.schedule()
         if sched is not None:
-            self.in_flight.append((sched, self.executor.execute_model(sched)))
+            seqs = [self.scheduler.seqs[seq_id] for seq_id in sched.num_scheduled_tokens]
+            self.in_flight.append((sched, self.executor.execute_model(sched), seqs))
+            self._advance_pp_stages()
         if not self.in_flight or (sched is not None and len(self.in_flight) < self.executor.max_concurrent_batches):
             return []
-        sched, future = self.in_flight.popleft()
+        sched, future, _ = self.in_flight.popleft()
         try:
             runner_out: ModelRunnerOutput = future.result()
         except Exception as exc:
@@ -159,6 +161,21 @@ class LLMEngine:
         updated = self.scheduler.update(sched, runner_out)
         touched = self._process(updated, runner_out)
         return [self._make_output(req) for req in touched]
+
+    def _advance_pp_stages(self) -> None:
+        """Set Sequence.pp_stage after a submission: the driver's model of a FIFO pipeline, not a measurement.
+
+        Stages take batches in FIFO order. The model: each submission enters stage 0 and moves every earlier
+        batch one stage on; a batch at the last stage stays queued there until its tokens come back. So of the
+        k batches in flight, the one submitted j submissions ago (j newer batches are still in flight) is at
+        stage min(j, P - 1). The ranks may really be behind or ahead of this; the driver does not ask them.
+        scheduler.update resets pp_stage to None when the step's tokens come back. Costs one pass over the
+        sequences of the in-flight batches (at most P batches), nothing over the other sequences.
+        """
+        last_stage = self.executor.max_concurrent_batches - 1
+        for j, (_, _, seqs) in enumerate(reversed(self.in_flight)):
+            for seq in seqs:
+                seq.pp_stage = min(j, last_stage)
 
     def _process(self, seqs: list[Sequence], runner_out: ModelRunnerOutput) -> list[_Request]:
         touched: dict[str, _Request] = {}
@@ -217,6 +234,9 @@ class LLMEngine:
         self.dead = exc
         for req in self.requests.values():
             req.error = str(exc)
+        for _, _, seqs in self.in_flight:
+            for seq in seqs:
+                seq.pp_stage = None
         self.in_flight.clear()
 
     def _raise_if_dead(self) -> None:

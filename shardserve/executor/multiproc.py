@@ -89,8 +89,10 @@ class MultiprocExecutor(Executor):
         for node in sorted(joined):
             channel, (_, node_host, _pid) = joined[node]
             if owner.setdefault(node_host, node) != node:
-                raise ValueError(f"nodes {owner[node_host]} and {node} both advertise the address {node_host}; set "
-                                 "SHARDSERVE_HOST_IP on each node to its own reachable address")
+                error = (f"nodes {owner[node_host]} and {node} both advertise the address {node_host}; set "
+                         "SHARDSERVE_HOST_IP on each node to its own reachable address")
+                channel.send(("reject", error))
+                raise ValueError(error)
         for node in sorted(joined):
             channel, (_, node_host, _pid) = joined[node]
             inits = dist_inits(node, node_host)

@@ -42,7 +42,11 @@ def run_headless(nnodes: int, node_rank: int, master_addr: str | None, master_po
     host = env._get("SHARDSERVE_HOST_IP") or channel.sock.getsockname()[0]
     channel.send(("agent", node_rank, host, os.getpid()))
     channel.settimeout(timeout_s)
-    msg = channel.recv()
+    try:
+        msg = channel.recv()
+    except (EOFError, OSError) as exc:
+        raise ConnectionError(f"node 0 at {master_addr}:{master_port} did not start this node's ranks "
+                              f"({exc.__class__.__name__}); see node 0's error") from None
     if msg[0] == "reject":
         raise ValueError(f"node 0 refused this node: {msg[1]}")
     return _Agent(channel, host, *msg[1:]).run()

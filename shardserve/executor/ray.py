@@ -3,8 +3,8 @@
 The driver joins an existing cluster (RAY_ADDRESS, or a running one via address="auto") or starts a local
 Ray. Ranks are ordered driver's node first, then by node, so TP groups stay within a node where they can.
 Each actor advertises its node's SHARDSERVE_HOST_IP (else Ray's node IP), sets GLOO_SOCKET_IFNAME to the
-interface carrying it, and joins the TCPStore the driver hosts on its own host IP. Node identity (and so
-shared-memory TP) is that advertised IP, never a /dev/shm probe.
+interface carrying it, and joins the rendezvous store the driver serves on its own host IP (authenticated
+with a per-launch secret). Node identity (and so shared-memory TP) is that advertised IP, never a /dev/shm probe.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.netif import interface_for_ip
-from shardserve.distributed.parallel_state import create_store
+from shardserve.distributed.control_server import ControlServer
 from shardserve.executor.base import Executor, WorkerError, StepFuture
 from shardserve.worker.worker import DistInit
 
@@ -72,7 +72,7 @@ class RayExecutor(Executor):
         self.pids: list[int] = []          # actor pids, rank order (for tests and diagnostics)
         self.pg = None
         self.started_ray = False
-        self.store = None
+        self.server: ControlServer | None = None    # rendezvous store, reached with this launch's secret
         try:
             self._connect()
             self._launch(placement_group, PlacementGroupSchedulingStrategy)
@@ -131,7 +131,8 @@ class RayExecutor(Executor):
         nodes = [nodes[i] for i in order]
         self.pids = [n[2] for n in nodes]
         driver_ip = env._get("SHARDSERVE_HOST_IP") or ray.util.get_node_ip_address()
-        self.store = create_store(driver_ip, env.base_port() or 0, self.world_size, RAY_TIMEOUT_S)
+        secret = os.urandom(32)       # reaches the actors through Ray's own (token-authenticated) channel
+        self.server = ControlServer(driver_ip, env.base_port() or 0, secret)
         launch_id = uuid.uuid4().hex[:12]
         per_node: dict[str, list[str]] = {}           # node -> GPU ids of its ranks (empty lists on the CPU)
         for node_id, _, _, gpus in nodes:
@@ -147,8 +148,8 @@ class RayExecutor(Executor):
                 local_rank = per_node[node_id].index(gpus[0])
                 env_vars["LOCAL_RANK"] = str(local_rank)
             dist_init = DistInit(rank=rank, local_rank=local_rank, local_world_size=sum(n[0] == node_id for n in nodes),
-                                 master_addr=driver_ip, master_port=self.store.port, launch_id=launch_id,
-                                 timeout_s=RAY_TIMEOUT_S, host_id=ip)
+                                 master_addr=driver_ip, master_port=self.server.port, launch_id=launch_id,
+                                 timeout_s=RAY_TIMEOUT_S, host_id=ip, secret=secret)
             setups.append(actor.setup.remote(self.config, dist_init, env_vars))
         self._get(setups, "setup", RAY_TIMEOUT_S)
 
@@ -232,7 +233,9 @@ class RayExecutor(Executor):
             except Exception:
                 pass
             self.pg = None
-        self.store = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
             self.started_ray = False
