@@ -19,7 +19,7 @@ from shardserve.distributed import env
 from shardserve.distributed.netif import interface_for_ip
 from shardserve.distributed.secure_channel import AuthError, Channel, connect
 from shardserve.executor.local_workers import LocalWorkers, death_cause
-from shardserve.executor.node_link import HEARTBEAT_INTERVAL_S
+from shardserve.executor.node_link import send_heartbeats
 
 
 def run_headless(nnodes: int, node_rank: int, master_addr: str | None, master_port: int, timeout_s: float) -> int:
@@ -73,7 +73,8 @@ class _Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_from_signal())
         threading.Thread(target=self._forward_replies, daemon=True, name="shardserve-agent-replies").start()
-        threading.Thread(target=self._heartbeat, daemon=True, name="shardserve-agent-hb").start()
+        threading.Thread(target=send_heartbeats, args=(self.channel, self.done), daemon=True,
+                         name="shardserve-agent-hb").start()
         status, why = 1, "unknown"
         self.channel.settimeout(env.heartbeat_timeout())
         try:
@@ -128,13 +129,6 @@ class _Agent:
                             self.channel.send(("dead", rank, death_cause(procs[i])))
                         except OSError:
                             return
-
-    def _heartbeat(self) -> None:
-        while not self.done.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                self.channel.send(("hb",))
-            except OSError:
-                return
 
 
 class _Stop(Exception):

@@ -16,6 +16,15 @@ from shardserve.distributed.secure_channel import AuthError, Channel
 HEARTBEAT_INTERVAL_S = 1.0
 
 
+def send_heartbeats(channel: Channel, stop: threading.Event) -> None:
+    """Send ("hb",) every HEARTBEAT_INTERVAL_S until `stop` is set or the connection fails (both ends run this)."""
+    while not stop.wait(HEARTBEAT_INTERVAL_S):
+        try:
+            channel.send(("hb",))
+        except OSError:
+            return
+
+
 class RemoteRank:
     """Stands in for a worker process on another node, with the surface the executor uses of mp.Process."""
 
@@ -49,7 +58,8 @@ class NodeLink:
         self._reply_w = {rank: w for rank, (_, w) in zip(ranks, pipes)}
         self.closed = threading.Event()
         threading.Thread(target=self._receive, daemon=True, name=f"shardserve-node{node}-rx").start()
-        threading.Thread(target=self._heartbeat, daemon=True, name=f"shardserve-node{node}-hb").start()
+        threading.Thread(target=send_heartbeats, args=(channel, self.closed), daemon=True,
+                         name=f"shardserve-node{node}-hb").start()
 
     def send_command(self, payload: bytes) -> None:
         try:
@@ -72,13 +82,6 @@ class NodeLink:
             self._lost(f"sent a message that failed authentication ({exc})")
         except (OSError, EOFError) as exc:
             self._lost(f"closed its connection ({exc.__class__.__name__}: the node's agent exited or the link failed)")
-
-    def _heartbeat(self) -> None:
-        while not self.closed.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                self.channel.send(("hb",))
-            except OSError:
-                return
 
     def _lost(self, cause: str) -> None:
         if not self.closed.is_set():
