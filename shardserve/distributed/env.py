@@ -13,6 +13,8 @@ ENV_VARS: dict[str, str] = {
                          "`openssl rand -hex 32`): authenticates the control port and the rendezvous store",
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
+    "SHARDSERVE_ATTENTION_KERNEL": "decode attention on the CPU: 'native' (default: the C kernel, built with gcc "
+                                   "on first use) or 'torch' (gather + bmm)",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
     "CUDA_VISIBLE_DEVICES": "GPUs a worker may see (set by the executor, or by the user)",
     "LOCAL_RANK": "rank of this process on its node (torchrun)",
@@ -112,6 +114,14 @@ def heartbeat_timeout() -> float:
     if seconds < 2:
         raise ValueError(f"SHARDSERVE_HEARTBEAT_TIMEOUT={value!r}: expected at least 2 seconds (heartbeats are 1 s apart)")
     return seconds
+
+
+def attention_kernel() -> str:
+    """SHARDSERVE_ATTENTION_KERNEL: "native" (default) or "torch"."""
+    value = (_get("SHARDSERVE_ATTENTION_KERNEL") or "native").lower()
+    if value not in ("native", "torch"):
+        raise ValueError(f"SHARDSERVE_ATTENTION_KERNEL={value!r}: expected 'native' or 'torch'")
+    return value
 
 
 def threads_override() -> int | None:

@@ -27,6 +27,7 @@ class ForwardBatch:
     num_decode: int                     # B: the first B tokens are decode tokens
     decode_slots: torch.Tensor | None   # [B, L] KV slots of each decode sequence's context (padded)
     decode_bias: torch.Tensor | None    # [B, 1, 1, L] additive mask: 0 where the slot is real, -inf on padding
+    decode_lens: torch.Tensor | None    # [B] context length of each decode sequence
     prefills: list[PrefillSegment] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None   # [S] rows whose hidden states are sampled
 
@@ -61,12 +62,12 @@ def build_forward_batch(chunks: list[SeqChunk], block_size: int, device: torch.d
             decode.append(chunk)
         else:
             prefills.append(_prefill_segment(first, n, start, chunk.block_ids, block_size, device))
-    decode_slots = decode_bias = None
+    decode_slots = decode_bias = decode_lens = None
     if decode:
-        decode_slots, decode_bias = _decode_context(decode, block_size, device)
+        decode_slots, decode_bias, decode_lens = _decode_context(decode, block_size, device)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
     return ForwardBatch(as_long(ids), as_long(pos), as_long(slots), len(decode), decode_slots, decode_bias,
-                        prefills, as_long(logits_rows))
+                        decode_lens, prefills, as_long(logits_rows))
 
 
 def _slot(block_ids: list[int], position: int, block_size: int) -> int:
@@ -79,8 +80,8 @@ def _context_slots(block_ids: list[int], length: int, block_size: int) -> torch.
     return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
 
 
-def _decode_context(decode: list[SeqChunk], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots [B, L] of every decode sequence's context (padded with slot 0) and the bias [B, 1, 1, L]."""
+def _decode_context(decode: list[SeqChunk], block_size: int, device) -> tuple[torch.Tensor, ...]:
+    """Slots [B, L] of every decode sequence's context (padded with slot 0), the bias [B, 1, 1, L], lengths [B]."""
     lengths = torch.tensor([c.start + 1 for c in decode])
     width = int(lengths.max())
     nblocks = -(-width // block_size)
@@ -92,7 +93,7 @@ def _decode_context(decode: list[SeqChunk], block_size: int, device) -> tuple[to
     mask = torch.arange(width)[None, :] < lengths[:, None]
     slots = torch.where(mask, slots, 0)                          # padding reads slot 0, masked out
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-    return slots.to(device), bias[:, None, None, :].to(device)
+    return slots.to(device), bias[:, None, None, :].to(device), lengths.to(device)
 
 
 def _prefill_segment(first: int, n: int, start: int, block_ids: list[int], block_size: int, device) -> PrefillSegment:

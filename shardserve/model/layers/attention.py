@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.model.forward_batch import ForwardBatch
+from shardserve.model.layers import native_attention
 
 
 class PagedAttention(nn.Module):
@@ -40,9 +41,13 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per sequence over its gathered context, GQA without repeating K/V.
 
-        q [B, Hq, hd] -> [B, Hq, hd]. Batched matmuls over (sequence, kv head) beat SDPA's masked math path
-        here by ~3x: the gather is one index_select per cache, the rest is two small bmm calls.
+        q [B, Hq, hd] -> [B, Hq, hd]. On the CPU in float32 the C kernel reads K/V in place from the blocks
+        (native_attention). Otherwise batched matmuls over (sequence, kv head), which beat SDPA's masked math
+        path here by ~3x: the gather is one index_select per cache, the rest is two small bmm calls.
         """
+        if q.device.type == "cpu" and q.dtype == torch.float32 and native_attention.available():
+            return native_attention.paged_decode(q, self.k_cache, self.v_cache, batch.decode_slots,
+                                                 batch.decode_lens, self.scale)
         bsz, width = batch.decode_slots.shape
         hk, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         flat = batch.decode_slots.view(-1)
