@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 from shardserve.executor.shm_queue import BroadcastWriter
 from shardserve.executor.worker_proc import worker_main
@@ -23,15 +24,23 @@ class LocalWorkers:
         self.ring_unlinked = False
         self.procs: list[mp.Process] = []
         self.conns = []
+        self.beats = ctx.Array("d", len(dist_inits), lock=False)    # each worker's last liveness beat (monotonic)
         for i, dist_init in enumerate(dist_inits):
             parent_end, child_end = ctx.Pipe(duplex=True)
             rank_env = {**child_env, "RANK": str(dist_init.rank), "LOCAL_RANK": str(dist_init.local_rank)}
             proc = ctx.Process(target=worker_main, name=f"shardserve-rank{dist_init.rank}", daemon=True,
-                               args=(config, dist_init, child_end, self.ring.reader_handle(i), rank_env))
+                               args=(config, dist_init, child_end, self.ring.reader_handle(i), rank_env,
+                                     self.beats, i))
             proc.start()
             child_end.close()
             self.procs.append(proc)
             self.conns.append(parent_end)
+
+    def frozen(self, timeout_s: float) -> list[int]:
+        """Indices of live workers whose liveness beat is older than timeout_s (stopped or frozen processes)."""
+        now = time.monotonic()
+        return [i for i, p in enumerate(self.procs) if self.beats[i] and now - self.beats[i] > timeout_s
+                and p.is_alive()]
 
     def all_alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import uuid
 from collections import deque
 from concurrent.futures import Future
@@ -25,6 +26,7 @@ from shardserve.executor.node_link import NodeLink, RemoteRank
 from shardserve.worker.worker import DistInit
 
 STARTUP_TIMEOUT_S = 600.0
+LIVENESS_POLL_S = 1.0           # how often a waiting driver checks its local workers' liveness beats
 
 
 class MultiprocExecutor(Executor):
@@ -39,6 +41,7 @@ class MultiprocExecutor(Executor):
         self.expected = [0] * self.world_size           # replies each rank still owes us
         self.links: list[NodeLink] = []
         self.local: LocalWorkers | None = None
+        self.heartbeat_timeout = env.heartbeat_timeout()
         self.procs: list = []                           # mp.Process here, RemoteRank for other nodes; rank order
         self.conns: list = []                           # reply connection per rank
         multinode = par.nnodes > 1
@@ -101,7 +104,7 @@ class MultiprocExecutor(Executor):
             reply = channel.recv()
             if reply[0] != "started":
                 raise WorkerError(f"node {node} ({node_host}) failed to start its ranks: {reply[1]}")
-            link = NodeLink(node, node_host, channel, [d.rank for d in inits], reply[1], env.heartbeat_timeout())
+            link = NodeLink(node, node_host, channel, [d.rank for d in inits], reply[1], self.heartbeat_timeout)
             self.links.append(link)
             self.procs.extend(link.handles)
             self.conns.extend(link.reply_conns)
@@ -124,10 +127,18 @@ class MultiprocExecutor(Executor):
 
     def _read(self, rank: int, timeout: float | None = None):
         """Wait for rank's next reply, failing fast if any worker dies or raises meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            ready = wait([*self.conns, *(p.sentinel for p in self.procs)], timeout)
+            ready = wait([*self.conns, *(p.sentinel for p in self.procs)], LIVENESS_POLL_S)
             if not ready:
-                self._fail(WorkerError(f"rank {rank} did not answer within {timeout:.0f} s"))
+                frozen = self.local.frozen(self.heartbeat_timeout)
+                if frozen:
+                    r = self.local.ranks[frozen[0]]
+                    self._fail(WorkerError(f"worker rank {r} (pid {self.procs[r].pid}) stopped answering: no "
+                                           f"liveness beat for {self.heartbeat_timeout:.0f} s (stopped or frozen)"))
+                if deadline is not None and time.monotonic() > deadline:
+                    self._fail(WorkerError(f"rank {rank} did not answer within {timeout:.0f} s"))
+                continue
             for r, conn in enumerate(self.conns):
                 if conn in ready and r != rank and not self.expected[r]:
                     self._fail(self._reply_error(r))      # an unexpected message is always an error

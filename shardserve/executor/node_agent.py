@@ -111,6 +111,11 @@ class _Agent:
         live = set(range(len(procs)))
         while not self.done.is_set() and live:
             ready = wait([*(conns[i] for i in live), *(procs[i].sentinel for i in live)], timeout=0.5)
+            for i in self.workers.frozen(env.heartbeat_timeout()):
+                if i in live:
+                    live.discard(i)
+                    self.channel.send(("dead", self.ranks[i], f"stopped answering: no liveness beat for "
+                                                               f"{env.heartbeat_timeout():.0f} s (stopped or frozen)"))
             for i in sorted(live):
                 rank = self.ranks[i]
                 try:

@@ -27,12 +27,30 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
-def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str]) -> None:
+BEAT_INTERVAL_S = 0.5
+
+
+def beat(beats, index: int) -> None:
+    """Write this process's monotonic clock into beats[index] every BEAT_INTERVAL_S, from a thread: it stops
+    only when the whole process does (SIGSTOP, a freeze), which is what the parent watches for."""
+    def run() -> None:
+        while True:
+            beats[index] = time.monotonic()
+            time.sleep(BEAT_INTERVAL_S)
+
+    beats[index] = time.monotonic()
+    threading.Thread(target=run, daemon=True, name="liveness-beat").start()
+
+
+def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str], beats=None,
+                index: int = 0) -> None:
     """Runs in the spawned process. Commands arrive on the shared-memory broadcast queue, each
     pickle((method, args)); replies go back on `conn`: ("ok", result) or ("error", traceback text).
     execute_model answers only where it returns something (the output rank)."""
     os.environ.update(env)
     die_with_parent()
+    if beats is not None:
+        beat(beats, index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the driver decides when we stop
     from shardserve.executor.shm_queue import BroadcastReader
     from shardserve.worker.worker import Worker          # after the environment is in place

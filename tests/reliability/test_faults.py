@@ -72,6 +72,43 @@ def test_worker_kill_during_generate(llama_gqa, tp, pp, victim):
     assert shm_leftovers(launch) == []
 
 
+@pytest.mark.timeout(120)
+def test_frozen_worker_is_detected_by_its_liveness_beat(llama_gqa, monkeypatch):
+    """SIGSTOP (not kill) rank 1 of tp=2 mid-generation: its process is alive but silent; the driver notices the
+    missing liveness beats within the heartbeat timeout, names the rank, and nothing is left behind."""
+    monkeypatch.setenv("SHARDSERVE_HEARTBEAT_TIMEOUT", "3")
+    llm = _mp_llm(llama_gqa, 2, 1)
+    pids = [p.pid for p in llm.engine.executor.procs]
+    launch = llm.engine.executor.launch_id
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = llm.generate(PROMPTS, LONG, use_tqdm=False)
+        except BaseException as exc:            # noqa: BLE001 - we assert on it below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    try:
+        thread.start()
+        assert wait_until(lambda: llm.engine.num_steps >= 5, 60), "generate did not get going"
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        thread.join(timeout=15)
+        took = time.monotonic() - t0
+        assert not thread.is_alive(), "a frozen worker hung generate"
+        err = outcome.get("error")
+        assert isinstance(err, WorkerError) and "rank 1" in str(err) and "stopped answering" in str(err), outcome
+        assert 3 <= took < 3 + 5, f"detected after {took:.1f} s with a 3 s timeout"
+        print(f"tp=2: SIGSTOP of rank 1 -> {err} after {took:.1f} s")
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10)
+        assert shm_leftovers(launch) == []
+    finally:
+        llm.shutdown()
+        for p in pids:
+            kill_quietly(p)
+
+
 DRIVER = textwrap.dedent("""
     import sys
     from shardserve import LLM, SamplingParams
