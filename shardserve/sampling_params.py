@@ -1,7 +1,7 @@
 """SamplingParams: per-request decoding settings, vLLM-compatible, validated on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
