@@ -65,15 +65,15 @@ async def run_load(url: str, prompts, out_len: int, concurrency: int, rate: floa
             delays.append(t)
             if rate:
                 t += rng.expovariate(rate)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(guarded(p, d) for p, d in zip(prompts, delays)))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     return {"concurrency": concurrency, "requests": len(results), "elapsed": elapsed, "tok_s": tokens / elapsed,
-            "req_s": len(results) / elapsed, "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
+            "req_s": len(results) / elapsed, "client_cpu_s": cpu, "ttft_p50": percentile(ttft, 50),
+            "ttft_p99": percentile(ttft, 99), "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
 
 def offline_tok_s(model: str, prompts, out_len: int, args: argparse.Namespace, concurrency: int) -> float:
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"concurrency {c}: {r['tok_s']:.1f} output tok/s, {r['req_s']:.2f} req/s, TTFT p50 "
                   f"{r['ttft_p50'] * 1e3:.0f} ms p99 {r['ttft_p99'] * 1e3:.0f} ms, ITL p50 {r['itl_p50'] * 1e3:.1f} ms "
-                  f"p99 {r['itl_p99'] * 1e3:.1f} ms", flush=True)
+                  f"p99 {r['itl_p99'] * 1e3:.1f} ms; the load generator used {r['client_cpu_s']:.2f} s of CPU "
+                  f"({r['client_cpu_s'] / r['elapsed']:.1%} of one core)", flush=True)
     finally:
         if server is not None:
             server.terminate()

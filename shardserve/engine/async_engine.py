@@ -1,7 +1,7 @@
 """AsyncEngine: an asyncio front end that keeps the engine stepping while requests stream.
 
-The LLMEngine is driven by one background thread (a step blocks on the workers); callers submit and
-abort from the event loop, and each request's outputs reach it through its own asyncio queue.
+The LLMEngine is built and driven by one background thread (a step blocks on the workers); callers submit
+and abort from the event loop, and each request's outputs reach it through its own asyncio queue.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from shardserve.core.outputs import RequestOutput
 from shardserve.engine.llm_engine import LLMEngine, PromptType
@@ -21,20 +21,29 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
-        self.engine = engine
+    def __init__(self, make_engine: Callable[[], LLMEngine], max_waiting_requests: int | None = None):
+        """Builds the engine with `make_engine()` in the engine thread (its errors are raised here).
+
+        One thread runs every torch op: torch's OpenMP pool belongs to the thread that runs parallel ops, and
+        a second pool (an engine loaded on the main thread, stepped on another) made libgomp throttle its
+        spin-waits on 2 cores, every op ~30% slower (BENCHMARKS.md, server vs offline engine).
+        """
         self.max_waiting_requests = max_waiting_requests
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.dead: Exception | None = None
         self.stopping = False
-        self.max_running = engine.config.scheduler.max_num_seqs * engine.executor.max_concurrent_batches
         self.num_submitted = 0                  # sequences submitted (event loop side)
         self.num_added = 0                      # sequences the engine thread took in (or dropped)
-        self._publish_stats()
-        self.thread = threading.Thread(target=self._loop, name="shardserve-engine", daemon=True)
+        started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(make_engine, started), name="shardserve-engine",
+                                       daemon=True)
         self.thread.start()
+        started.wait()
+        if self.start_error is not None:
+            raise self.start_error
 
     @property
     def tokenizer(self):
@@ -105,6 +114,18 @@ class AsyncEngine:
         self.wakeup.set()
 
     # ---- the engine thread --------------------------------------------------------------------------
+    def _run(self, make_engine: Callable[[], LLMEngine], started: threading.Event) -> None:
+        try:
+            self.engine = make_engine()
+            self.max_running = self.engine.config.scheduler.max_num_seqs * self.engine.executor.max_concurrent_batches
+            self._publish_stats()
+        except BaseException as exc:
+            self.start_error = exc
+            return
+        finally:
+            started.set()
+        self._loop()
+
     def _loop(self) -> None:
         engine = self.engine
         while not self.stopping:

@@ -382,10 +382,9 @@ def run_server(ns: argparse.Namespace) -> int:
 
     args = EngineArgs.from_cli_args(ns)
     args.model = ns.model_tag or args.model
-    engine = LLMEngine.from_engine_args(args)
     name = ns.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
                                     else "SmolLM2-135M-Instruct")
-    async_engine = AsyncEngine(engine, ns.max_waiting_requests)
+    async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), ns.max_waiting_requests)
     app = create_app(async_engine, name, ns.api_key)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
