@@ -7,7 +7,7 @@ import signal
 import time
 
 SHM = "/dev/shm"
-_LAUNCH_RE = re.compile(r"/dev/shm/shardserve-([0-9a-f]{12})-bcast")
+_LAUNCH_RE = re.compile(r"/dev/shm/shardserve-([0-9a-f]{12})-r0-bcast")    # node 0's command ring
 
 
 def alive(pid: int) -> bool:
