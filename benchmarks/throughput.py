@@ -3,7 +3,9 @@
 Workload (issue 2): 64 requests, ~128-token prompts, 128 output tokens (ignore_eos), SmolLM2 float32.
 Prints output tokens/s per side and the ratio; batch-1 decode ms/token against HF and the memory-bandwidth
 floor (weight bytes / measured read bandwidth). Usage:
-    python benchmarks/throughput.py [--layouts 1x1,2x1] [--num-requests 64] [--skip-hf] [--hf-batches 1,16,64]
+    python benchmarks/throughput.py [--layouts 1x1,2x1,1x2:17/13] [--num-requests 64] [--skip-hf] [--hf-batches 1,16,64]
+A layout TPxPP may carry its own PP layer partition after a colon (`1x2:17/13`): SHARDSERVE_PP_LAYER_PARTITION
+is set for that layout's engine only (its spawned workers inherit it) and the weight bytes per rank are printed.
 """
 from __future__ import annotations
 
@@ -44,15 +46,43 @@ def read_bandwidth_gbs() -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int) -> dict:
-    llm = LLM(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32", seed=0,
-              max_model_len=1024, max_num_seqs=len(prompts))
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), children excluded."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def parse_layout(layout: str) -> tuple[int, int, str | None]:
+    """"1x2" -> (1, 2, None); "1x2:17/13" -> (1, 2, "17,13") (the SHARDSERVE_PP_LAYER_PARTITION value)."""
+    sizes, _, partition = layout.lower().partition(":")
+    tp, pp = (int(x) for x in sizes.split("x"))
+    return tp, pp, partition.replace("/", ",") or None
+
+
+def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partition: str | None = None) -> dict:
+    key, previous = "SHARDSERVE_PP_LAYER_PARTITION", os.environ.get("SHARDSERVE_PP_LAYER_PARTITION")
+    if partition:
+        os.environ[key] = partition            # read by the driver (config check) and the workers spawned here
     try:
+        llm = LLM(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32", seed=0,
+                  max_model_len=1024, max_num_seqs=len(prompts))
+    finally:
+        if partition and previous is None:
+            del os.environ[key]
+        elif partition:
+            os.environ[key] = previous
+    try:
+        weights = [r["weight_bytes"] for r in llm.engine.executor.collective_rpc("memory_stats")]
         params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm
-        t = time.perf_counter()
+        # CPU busy share of the driver and of each worker process (rank order) during the timed run; a worker
+        # waiting for its next batch blocks (semaphore / socket), so 1 - busy is roughly its idle share.
+        pids = [os.getpid()] + [p.pid for p in getattr(llm.engine.executor, "procs", []) if getattr(p, "pid", None)]
+        cpu = [cpu_seconds(pid) for pid in pids]
+        t, steps = time.perf_counter(), llm.engine.num_steps
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        elapsed = time.perf_counter() - t
+        elapsed, steps = time.perf_counter() - t, llm.engine.num_steps - steps
+        busy = [(cpu_seconds(pid) - c) / elapsed for pid, c in zip(pids, cpu)]
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         one = [{"prompt_token_ids": prompts[0]}]
         t = time.perf_counter()
@@ -64,7 +94,8 @@ def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int) -> dic
         stats = llm.engine.stats()
     finally:
         llm.shutdown()
-    return {"tok_s": n / elapsed, "elapsed": elapsed, "decode_ms": decode_ms, "tokens": n, "stats": stats}
+    return {"tok_s": n / elapsed, "elapsed": elapsed, "decode_ms": decode_ms, "tokens": n, "stats": stats,
+            "weights": weights, "steps": steps, "busy": busy}
 
 
 def bench_hf(gguf_path: str, prompts, out_len: int, batches: list[int], batch1_requests: int) -> dict:
@@ -112,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores, torch {torch.__version__}")
     rows = []
     for layout in ns.layouts.split(","):
-        tp, pp = (int(x) for x in layout.lower().split("x"))
-        r = bench_shardserve(model, tp, pp, prompts, ns.output_len)
-        rows.append((f"shardserve tp={tp} pp={pp}", r["tok_s"], r["decode_ms"]))
-        print(f"  shardserve tp={tp} pp={pp}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['elapsed']:.1f} s), "
-              f"batch-1 decode {r['decode_ms']:.1f} ms/token, max batches in flight {r['stats']['max_in_flight_seen']}",
+        tp, pp, partition = parse_layout(layout)
+        r = bench_shardserve(model, tp, pp, prompts, ns.output_len, partition)
+        name = f"shardserve tp={tp} pp={pp}" + (f" layers {partition.replace(',', '/')}" if partition else "")
+        rows.append((name, r["tok_s"], r["decode_ms"]))
+        print(f"  {name}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['elapsed']:.1f} s), "
+              f"batch-1 decode {r['decode_ms']:.1f} ms/token, {r['steps']} batches, "
+              f"max batches in flight {r['stats']['max_in_flight_seen']}, "
+              f"weight MB per rank {[round(w / 1e6) for w in r['weights']]}, CPU busy (cores) driver "
+              f"{r['busy'][0]:.2f}" + (f", ranks {[round(b, 2) for b in r['busy'][1:]]}" if r['busy'][1:] else ""),
               flush=True)
     hf = None
     if not ns.skip_hf and model.endswith(".gguf"):
@@ -127,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         best_bs = max(hf["tok_s_by_batch"], key=hf["tok_s_by_batch"].get)
         rows.append((f"HF transformers (best: batch {best_bs})", hf["tok_s_by_batch"][best_bs], hf["decode_ms"]))
     bw = read_bandwidth_gbs()
-    print("\n| engine | output tok/s | vs HF | batch-1 decode ms/token |")
-    print("|---|---:|---:|---:|")
+    print("\n| engine | output tok/s | vs first layout | vs HF | batch-1 decode ms/token |")
+    print("|---|---:|---:|---:|---:|")
     base = rows[-1][1] if hf else None
     for name, tok_s, ms in rows:
         ratio = f"{tok_s / base:.2f}x" if base else "-"
-        print(f"| {name} | {tok_s:.1f} | {ratio} | {ms:.1f} |")
+        print(f"| {name} | {tok_s:.1f} | {tok_s / rows[0][1]:.2f}x | {ratio} | {ms:.1f} |")
     if hf:
         floor = hf["weight_bytes"] / (bw * 1e9) * 1e3
         print(f"\nmemory-bandwidth floor: {hf['weight_bytes'] / 1e6:.0f} MB of weights / {bw:.1f} GB/s read = "

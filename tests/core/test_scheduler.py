@@ -302,6 +302,27 @@ def test_all_running_in_flight_returns_none():
     assert s.schedule() is None                           # the only sequence is in flight
 
 
+@pytest.mark.parametrize("depth,num_seqs,sizes", [(2, 8, [4, 4]), (2, 5, [3, 2]), (3, 7, [3, 3, 1]), (1, 6, [6])])
+def test_in_flight_batches_share_the_sequences(depth, num_seqs, sizes):
+    """When one batch's budget fits every sequence, each of the depth in-flight batches still gets its share."""
+    s = make_sched(max_num_seqs=8, budget=256, max_in_flight=depth)
+    seqs = [make_seq(range(10 * i, 10 * i + 4), SamplingParams(max_tokens=5)) for i in range(num_seqs)]
+    for seq in seqs:
+        s.add(seq)
+    outs = [s.schedule() for _ in sizes]
+    assert [len(o.num_scheduled_tokens) for o in outs] == sizes
+    assert s.schedule() is None
+    w = FakeWorker(s)
+    for o, r in [(o, w.execute(o)) for o in outs]:
+        s.update(o, r)
+    again = s.schedule()
+    assert len(again.num_scheduled_tokens) == sizes[0]    # the first batch's sequences come back together
+    s.update(again, w.execute(again))
+    drive(s, w, depth=depth)
+    for seq in seqs:
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, 5)
+
+
 # ---- deltas -----------------------------------------------------------------------------------------
 def test_deltas_new_then_cached():
     s = make_sched(block_size=4)
