@@ -13,8 +13,8 @@ ENV_VARS: dict[str, str] = {
                          "`openssl rand -hex 32`): authenticates the control port and the rendezvous store",
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
-    "SHARDSERVE_ATTENTION_KERNEL": "decode attention on the CPU: 'native' (default: the C kernel, built with gcc "
-                                   "on first use) or 'torch' (gather + bmm)",
+    "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
+                              "rotary and SiLU*mul, built with gcc on first use) or 'torch' (pure torch ops)",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
     "CUDA_VISIBLE_DEVICES": "GPUs a worker may see (set by the executor, or by the user)",
     "LOCAL_RANK": "rank of this process on its node (torchrun)",
@@ -116,11 +116,11 @@ def heartbeat_timeout() -> float:
     return seconds
 
 
-def attention_kernel() -> str:
-    """SHARDSERVE_ATTENTION_KERNEL: "native" (default) or "torch"."""
-    value = (_get("SHARDSERVE_ATTENTION_KERNEL") or "native").lower()
+def cpu_kernels() -> str:
+    """SHARDSERVE_CPU_KERNELS: "native" (default) or "torch"."""
+    value = (_get("SHARDSERVE_CPU_KERNELS") or "native").lower()
     if value not in ("native", "torch"):
-        raise ValueError(f"SHARDSERVE_ATTENTION_KERNEL={value!r}: expected 'native' or 'torch'")
+        raise ValueError(f"SHARDSERVE_CPU_KERNELS={value!r}: expected 'native' or 'torch'")
     return value
 
 

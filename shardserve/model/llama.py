@@ -11,6 +11,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import ParallelContext
 from shardserve.model.forward_batch import ForwardBatch
+from shardserve.model.layers import fused_ops
 from shardserve.model.layers.attention import PagedAttention
 from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -50,8 +51,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, ctx.tp, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = fused_ops.silu_and_mul(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):

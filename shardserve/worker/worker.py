@@ -16,6 +16,7 @@ from shardserve.distributed.control_server import SecureStore
 from shardserve.distributed.parallel_state import (ParallelContext, destroy_parallel_context,
                                                    init_parallel_context)
 from shardserve.model.loader import load_model
+from shardserve.worker.malloc_tuning import keep_freed_memory
 from shardserve.worker.model_runner import ModelRunner
 
 
@@ -44,6 +45,8 @@ class Worker:
         par, d = self.config.parallel, self.dist_init
         torch.set_num_threads(par.rank_threads(d.local_world_size))
         device = torch.device("cuda", d.local_rank) if par.device == "cuda" else torch.device("cpu")
+        if device.type == "cpu":
+            keep_freed_memory()
         if par.world_size == 1:
             self.ctx = ParallelContext.single(device)
         else:

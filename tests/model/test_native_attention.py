@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch
-from shardserve.model.layers import native_attention
+from shardserve.model.layers import native, native_attention
 from shardserve.model.layers.attention import PagedAttention
 
-pytestmark = pytest.mark.skipif(not native_attention.available(),
-                                reason="no C compiler here (or SHARDSERVE_ATTENTION_KERNEL=torch): kernel not built")
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="no C compiler here (or SHARDSERVE_CPU_KERNELS=torch): kernel not built")
 
 
 def _decode_step(heads: int, kv_heads: int, head_dim: int, lengths: list[int], block_size: int, seed: int):
@@ -44,13 +44,13 @@ def test_kernel_equals_torch_path(monkeypatch, heads, kv_heads, head_dim, block_
     lengths = [2, 3, 17, 64, 300, 33]          # a decode sees its prompt (>= 1 token) plus the new token
     attn, batch, q, k, v = _decode_step(heads, kv_heads, head_dim, lengths, block_size, seed=heads * 100 + block_size)
     caches = attn.k_cache.clone(), attn.v_cache.clone()
-    native = attn(q, k, v, batch)
+    fused = attn(q, k, v, batch)
     attn.k_cache, attn.v_cache = caches
-    monkeypatch.setenv("SHARDSERVE_ATTENTION_KERNEL", "torch")
-    assert not native_attention.available()
+    monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+    assert not native.available()
     reference = attn(q, k, v, batch)
-    assert native.shape == reference.shape == (len(lengths), heads * head_dim)
-    torch.testing.assert_close(native, reference, rtol=1e-5, atol=2e-6)
+    assert fused.shape == reference.shape == (len(lengths), heads * head_dim)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=2e-6)
 
 
 def test_kernel_is_what_decode_uses(monkeypatch):
@@ -63,6 +63,6 @@ def test_kernel_is_what_decode_uses(monkeypatch):
 
 
 def test_bad_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("SHARDSERVE_ATTENTION_KERNEL", "fast")
-    with pytest.raises(ValueError, match="SHARDSERVE_ATTENTION_KERNEL='fast': expected 'native' or 'torch'"):
-        native_attention.available()
+    monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SHARDSERVE_CPU_KERNELS='fast': expected 'native' or 'torch'"):
+        native.available()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.model.forward_batch import ForwardBatch
-from shardserve.model.layers import native_attention
+from shardserve.model.layers import native, native_attention
 
 
 class PagedAttention(nn.Module):
@@ -45,7 +45,7 @@ class PagedAttention(nn.Module):
         (native_attention). Otherwise batched matmuls over (sequence, kv head), which beat SDPA's masked math
         path here by ~3x: the gather is one index_select per cache, the rest is two small bmm calls.
         """
-        if q.device.type == "cpu" and q.dtype == torch.float32 and native_attention.available():
+        if native.applies(q):
             return native_attention.paged_decode(q, self.k_cache, self.v_cache, batch.decode_slots,
                                                  batch.decode_lens, self.scale)
         bsz, width = batch.decode_slots.shape

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.model.layers import fused_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype=torch.float32):
@@ -13,6 +15,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x) or, with a residual, (norm(x + residual), x + residual)."""
+        fused = fused_ops.rms_norm(x, residual, self.weight, self.eps)
+        if fused is not None:
+            return fused[0] if residual is None else fused
         if residual is not None:
             x = x + residual
             residual = x

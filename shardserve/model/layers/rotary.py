@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from shardserve.model.layers import fused_ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """[head_dim/2] inverse frequencies, as transformers computes them (float32)."""
@@ -37,6 +39,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, Hq, hd], k [T, Hk, hd] rotated at `positions` [T]."""
+        q_rot, k_rot = (fused_ops.rotary(x, positions, self.cos, self.sin) for x in (q, k))
+        if q_rot is not None and k_rot is not None:
+            return q_rot, k_rot
         cos = self.cos[positions].unsqueeze(1)                      # [T, 1, hd/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

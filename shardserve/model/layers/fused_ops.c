@@ -1,0 +1,85 @@
+/* Fused float32 element-wise kernels for the CPU: RMSNorm (+ residual add), rotary embedding, SiLU(gate) * up.
+ * Each replaces 3-8 torch ops and their temporaries with one pass over the rows. Built by native.py with
+ * gcc -O3 -fno-trapping-math -fopenmp -std=c11 (no fp contraction, so each product and sum rounds as torch's
+ * separate ops do; no trapping math, so the clamps and floor below vectorize).
+ * Rows are independent: parallel over rows when there is enough work.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PARALLEL_MIN_ELEMS 32768
+
+/* exp(x), Cephes-style 2^n * p(r) with x clamped to [-87, 88]: |rel err| < 2e-7, vectorizes under omp simd. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;          /* 2^n as float bits */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* x, residual [T, H] (residual may be NULL) -> out = weight * norm(s), residual_out = s, where s = x + residual
+ * (or x alone). norm(s) = s / sqrt(mean(s^2) + eps). residual_out may be NULL when residual is. */
+void rms_norm_f32(const float *x, const float *residual, const float *weight, float *out, float *residual_out,
+                  int64_t T, int64_t H, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * H >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * H;
+        float *o = out + t * H;
+        const float *s = xr;
+        if (residual) {
+            float *ro = residual_out + t * H;
+            const float *rr = residual + t * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; i++) ro[i] = xr[i] + rr[i];
+            s = ro;
+        }
+        float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < H; i++) sq += s[i] * s[i];
+        const float r = 1.0f / sqrtf(sq / (float)H + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) o[i] = weight[i] * (s[i] * r);
+    }
+}
+
+/* Rotate-half RoPE. x[t, h, :] at x + t * row_stride + h * D (a view into the fused qkv output);
+ * cos/sin [max_pos, D/2]; positions [T] -> out [T, H, D] contiguous. */
+void rotary_f32(const float *x, const int64_t *positions, const float *cos_table, const float *sin_table, float *out,
+                int64_t T, int64_t H, int64_t D, int64_t row_stride, int threads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * H * D >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_table + positions[t] * half, *s = sin_table + positions[t] * half;
+        for (int64_t h = 0; h < H; h++) {
+            const float *x1 = x + t * row_stride + h * D, *x2 = x1 + half;
+            float *o1 = out + (t * H + h) * D, *o2 = o1 + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                o2[i] = x2[i] * c[i] + x1[i] * s[i];
+            }
+        }
+    }
+}
+
+/* gate_up [T, 2I] (row stride row_stride; gate = first I columns, up = next I) -> out [T, I] = silu(gate) * up. */
+void silu_mul_f32(const float *restrict gate_up, float *restrict out, int64_t T, int64_t I, int64_t row_stride, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *restrict g = gate_up + t * row_stride, *restrict u = g + I;
+        float *restrict o = out + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
+    }
+}

@@ -1,0 +1,50 @@
+"""Fused element-wise ops (fused_ops.c) for float32 on the CPU; each returns None when it does not apply.
+
+Callers keep their torch expression as the fallback (CUDA, other dtypes, no C compiler), and the tests check
+both give the same values.
+"""
+from __future__ import annotations
+
+import torch
+
+from shardserve.model.layers import native
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """x, residual [T, H] -> (weight * norm(x + residual), x + residual), or (weight * norm(x), None)."""
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    if x.dim() != 2 or not native.applies(*tensors):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    res_out = None if residual is None else torch.empty_like(x)
+    residual = None if residual is None else residual.contiguous()
+    native.lib().rms_norm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), None if res_out is None else res_out.data_ptr(), x.shape[0],
+                              x.shape[1], eps, torch.get_num_threads())
+    return out, res_out
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x [T, H, D] (heads contiguous within a row, any row stride) rotated at positions [T] -> [T, H, D]."""
+    t, h, d = x.shape
+    if (not native.applies(x, cos, sin) or x.stride(2) != 1 or x.stride(1) != d or positions.dtype != torch.int64
+            or not cos.is_contiguous() or not sin.is_contiguous()):
+        return None
+    positions = positions.contiguous()
+    out = torch.empty(t, h, d, dtype=x.dtype)
+    native.lib().rotary_f32(x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                            t, h, d, x.stride(0), torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I]."""
+    if gate_up.dim() != 2 or gate_up.stride(1) != 1 or not native.applies(gate_up):
+        return None
+    t, width = gate_up.shape
+    out = torch.empty(t, width // 2, dtype=gate_up.dtype)
+    native.lib().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), t, width // 2, gate_up.stride(0),
+                              torch.get_num_threads())
+    return out

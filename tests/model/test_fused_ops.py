@@ -1,0 +1,83 @@
+"""The C fused ops (RMSNorm, rotary, SiLU*mul) give the torch expressions' values, and the layers use them."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from shardserve.distributed.parallel_state import ParallelContext
+from shardserve.model.layers import fused_ops, native
+from shardserve.model.layers.norm import RMSNorm
+from shardserve.model.layers.rotary import RotaryEmbedding
+from shardserve.model.llama import LlamaMLP
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="no C compiler here (or SHARDSERVE_CPU_KERNELS=torch): kernels not built")
+
+
+def _both(monkeypatch, fn):
+    """fn() with the C kernels, then with SHARDSERVE_CPU_KERNELS=torch."""
+    native_out = fn()
+    with monkeypatch.context() as m:
+        m.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+        torch_out = fn()
+    return native_out, torch_out
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(monkeypatch, rows, with_residual):
+    gen = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=gen)
+    x, residual = torch.randn(rows, 576, generator=gen) * 3, torch.randn(rows, 576, generator=gen)
+    fused, reference = _both(monkeypatch, lambda: norm(x, residual if with_residual else None))
+    if with_residual:
+        torch.testing.assert_close(fused[1], reference[1], rtol=0, atol=0)      # the sum is exact
+        fused, reference = fused[0], reference[0]
+    torch.testing.assert_close(fused, reference, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16)])
+def test_rotary_on_views_of_fused_qkv(monkeypatch, heads, kv_heads, head_dim):
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    t = 37
+    gen = torch.Generator().manual_seed(heads)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 512, (t,), generator=gen)
+    calls = []
+    real = fused_ops.rotary
+    monkeypatch.setattr(fused_ops, "rotary", lambda *a: calls.append(1) or real(*a))
+    fused, reference = _both(monkeypatch, lambda: rotary(positions, q.view(t, heads, head_dim),
+                                                         k.view(t, kv_heads, head_dim)))
+    assert len(calls) == 4                         # q and k, each run
+    for a, b in zip(fused, reference):
+        assert a.is_contiguous() and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 2048])
+def test_silu_and_mul_in_the_mlp(monkeypatch, rows):
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 96, generator=gen) * 6        # exp's whole useful range, both signs
+    fused = fused_ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+    assert fused_ops.silu_and_mul(gate_up.to(torch.float64)) is None         # not float32: torch path
+
+
+def test_mlp_uses_the_fused_activation(monkeypatch):
+    spec = SimpleNamespace(hidden_size=32, intermediate_size=48)       # all LlamaMLP reads
+    mlp = LlamaMLP(spec, ParallelContext.single(torch.device("cpu")), torch.float32)
+    for p in mlp.parameters():
+        p.data.normal_(generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = fused_ops.silu_and_mul
+    monkeypatch.setattr(fused_ops, "silu_and_mul", lambda x: calls.append(1) or real(x))
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    fused, reference = _both(monkeypatch, lambda: mlp(x))
+    assert calls == [1, 1]
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
