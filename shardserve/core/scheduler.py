@@ -114,6 +114,10 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.appendleft(seq)
 
+    def _age_key(self, seq: Sequence) -> tuple[float, int]:
+        """Larger = arrived later (ties: added later); the preemption victim is the largest."""
+        return seq.arrival_time, self._order[seq.seq_id]
+
     def schedule(self) -> SchedulerOutput | None:
         """Build the next batch, or None when nothing can be scheduled now."""
         if len(self._in_flight_steps) >= self.max_in_flight:
@@ -124,7 +128,7 @@ class Scheduler:
         cap = min(self.max_num_seqs, -(-len(self.seqs) // self.max_in_flight))
         scheduled: dict[str, int] = {}                   # seq_id -> tokens, in batch order
         batch: list[Sequence] = []
-        preempted = False
+        preempted = short_of_blocks = False
 
         # 1. running sequences that are not in flight: one decode token or the next prompt chunk.
         for seq in list(self.running):
@@ -137,7 +141,13 @@ class Scheduler:
             while not self.block_manager.allocate(seq, num_new):
                 # Victim: the most recently arrived running sequence not in flight and not yet scheduled.
                 victim = max((s for s in self.running if not s.in_flight and s.seq_id not in scheduled),
-                             key=lambda s: (s.arrival_time, self._order[s.seq_id]))
+                             key=self._age_key)
+                if victim is seq and any(s.in_flight and self._age_key(s) > self._age_key(seq) for s in self.running):
+                    # A younger sequence holds blocks in flight: wait for its batch to return (it becomes the
+                    # victim then) rather than give up this one's progress. Preempting the older sequence here
+                    # let two sequences preempt each other forever whenever the cache fits only one of them.
+                    short_of_blocks = True
+                    break
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -149,7 +159,7 @@ class Scheduler:
 
         # 2. waiting sequences, FCFS, while budget, the sequence caps and blocks allow (none after a preemption).
         # `cap` (<= max_num_seqs) limits one batch; with P batches in flight up to P * max_num_seqs sequences run.
-        while (self.waiting and budget > 0 and not preempted and len(batch) < cap
+        while (self.waiting and budget > 0 and not preempted and not short_of_blocks and len(batch) < cap
                and len(self.running) < self.max_num_seqs * self.max_in_flight):
             seq = self.waiting[0]
             _, hit = self.block_manager.match_prefix(seq.all_token_ids)

@@ -5,7 +5,7 @@ import itertools
 from collections import deque
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shardserve.core.block_manager import BlockManager
@@ -465,6 +465,14 @@ def test_finished_ids_reported_once():
                               st.integers(0, 10**6)), min_size=1, max_size=60),
        num_blocks=st.integers(10, 40), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(1, 40),
        max_num_seqs=st.integers(1, 5), depth=st.integers(1, 3), prefix=st.booleans())
+# Found by CI: two 21-token sequences in a 30-slot cache with two batches in flight used to preempt each other
+# forever (the older one gave itself up while the younger was in flight, then took the younger's blocks back).
+@example(ops=[("add", 609778), ("add", 118755), ("step", 0), ("step", 0), ("step", 0), ("step", 0), ("add", 530703),
+              ("step", 0), ("add", 646617), ("step", 0), ("step", 0), ("add", 574850), ("step", 0), ("step", 0),
+              ("step", 0), ("abort", 385380), ("abort", 945395), ("step", 0), ("step", 0), ("step", 0),
+              ("abort", 34150), ("add", 331958), ("abort", 553532), ("add", 571953), ("step", 0), ("add", 243147),
+              ("add", 679703), ("step", 0), ("step", 0), ("step", 0), ("add", 947968)],
+         num_blocks=15, block_size=2, budget=5, max_num_seqs=3, depth=2, prefix=False)
 def test_random_operations_keep_invariants(ops, num_blocks, block_size, budget, max_num_seqs, depth, prefix):
     max_model_len = min(40, num_blocks * block_size)
     s = make_sched(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs, budget=budget,
