@@ -1,32 +1,15 @@
 /* Fused float32 element-wise kernels for the CPU: RMSNorm (+ residual add), rotary embedding, SiLU(gate) * up.
  * Each replaces 3-8 torch ops and their temporaries with one pass over the rows. Built by native.py with
  * gcc -O3 -fno-trapping-math -fopenmp -std=c11 (no fp contraction, so each product and sum rounds as torch's
- * separate ops do; no trapping math, so the clamps and floor below vectorize).
+ * separate ops do; no trapping math, so the clamps and floor in cpu_math.h vectorize).
  * Rows are independent: parallel over rows when there is enough work.
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "cpu_math.h"
 
 #define PARALLEL_MIN_ELEMS 32768
-
-/* exp(x), Cephes-style 2^n * p(r) with x clamped to [-87, 88]: |rel err| < 2e-7, vectorizes under omp simd. */
-static inline float exp_clamped(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;          /* 2^n as float bits */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* x, residual [T, H] (residual may be NULL) -> out = weight * norm(s), residual_out = s, where s = x + residual
  * (or x alone). norm(s) = s / sqrt(mean(s^2) + eps). residual_out may be NULL when residual is. */

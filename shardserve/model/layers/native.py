@@ -23,6 +23,7 @@ import torch
 from shardserve.distributed import env
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "fused_ops.c")]
+HEADERS = [Path(__file__).with_name("cpu_math.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {                                  # C function -> argument types (every one returns void)
@@ -48,7 +49,7 @@ def _build() -> ctypes.CDLL | None:
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
-    text = b"".join(src.read_bytes() for src in SOURCES)
+    text = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardserve"
     cache.mkdir(parents=True, exist_ok=True)

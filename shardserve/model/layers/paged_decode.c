@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_math.h"
+
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned access */
 
@@ -28,24 +30,6 @@ static inline float hsum16(v16 x) {
     x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     return x[0];
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the max), Cephes-style: 2^n * p(r), |rel err| < 2e-7. */
-static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;          /* 2^n as float bits */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
@@ -101,7 +85,7 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
                 for (int64_t t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
 #pragma omp simd reduction(+ : sum)
                 for (int64_t t = 0; t < n; t++) {
-                    s[t] = exp_nonpos(s[t] - m);
+                    s[t] = exp_clamped(s[t] - m);
                     sum += s[t];
                 }
                 const float inv = 1.0f / sum;

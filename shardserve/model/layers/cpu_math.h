@@ -1,0 +1,26 @@
+/* Vectorizable float32 math shared by the C kernels (included by paged_decode.c and fused_ops.c). */
+#ifndef SHARDSERVE_CPU_MATH_H
+#define SHARDSERVE_CPU_MATH_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x), Cephes-style 2^n * p(r) with x clamped to [-87, 88]: |rel err| < 2e-7, vectorizes under omp simd. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;          /* 2^n as float bits */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#endif
