@@ -28,11 +28,11 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: tuple[int, ...]) -> SampleResult:
-    """logits [S, V] float32, one row per request."""
+    """logits [S, V] float32, one row per request; penalties are applied to it in place (the caller's buffer:
+    a copy cost 15 ms per batch-64 decode step of a 49K vocab)."""
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         raw_logprobs = torch.log_softmax(logits, dim=-1)               # of the model's raw distribution
-    logits = logits.clone()
     for row, req in enumerate(requests):
         _apply_penalties(logits[row], req, eos_token_ids)
     tokens = logits.argmax(dim=-1)
