@@ -128,7 +128,7 @@ class Scheduler:
         cap = min(self.max_num_seqs, -(-len(self.seqs) // self.max_in_flight))
         scheduled: dict[str, int] = {}                   # seq_id -> tokens, in batch order
         batch: list[Sequence] = []
-        preempted = short_of_blocks = False
+        blocks_short = False                             # a running sequence lacked blocks: admit no new one
 
         # 1. running sequences that are not in flight: one decode token or the next prompt chunk.
         for seq in list(self.running):
@@ -146,10 +146,10 @@ class Scheduler:
                     # A younger sequence holds blocks in flight: wait for its batch to return (it becomes the
                     # victim then) rather than give up this one's progress. Preempting the older sequence here
                     # let two sequences preempt each other forever whenever the cache fits only one of them.
-                    short_of_blocks = True
+                    blocks_short = True
                     break
                 self._preempt(victim)
-                preempted = True
+                blocks_short = True
                 if victim is seq:
                     break
             else:
@@ -157,9 +157,10 @@ class Scheduler:
                 batch.append(seq)
                 budget -= num_new
 
-        # 2. waiting sequences, FCFS, while budget, the sequence caps and blocks allow (none after a preemption).
+        # 2. waiting sequences, FCFS, while budget, the sequence caps and blocks allow (none once a running
+        # sequence lacked blocks: it preempted, or it waits for an in-flight batch).
         # `cap` (<= max_num_seqs) limits one batch; with P batches in flight up to P * max_num_seqs sequences run.
-        while (self.waiting and budget > 0 and not preempted and not short_of_blocks and len(batch) < cap
+        while (self.waiting and budget > 0 and not blocks_short and len(batch) < cap
                and len(self.running) < self.max_num_seqs * self.max_in_flight):
             seq = self.waiting[0]
             _, hit = self.block_manager.match_prefix(seq.all_token_ids)

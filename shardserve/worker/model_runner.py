@@ -56,7 +56,7 @@ class ModelRunner:
         """One K and one V tensor per owned layer: [num_blocks * block_size, kv_heads_local, head_dim].
 
         Zeroed, as vLLM does: that touches every page now rather than at first use, where faulting the cache
-        in page by page cost ~1.5 s of a 37 s CPU benchmark run; and slot 0, which pads decode batches,
+        in page by page cost ~2 s of a 37 s CPU benchmark run (BENCHMARKS.md); and slot 0, which pads decode batches,
         must hold finite values.
         """
         slots = num_blocks * self.block_size

@@ -60,7 +60,7 @@ def test_rotary_on_views_of_fused_qkv(monkeypatch, heads, kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("rows", [1, 64, 2048])
-def test_silu_and_mul_in_the_mlp(monkeypatch, rows):
+def test_silu_and_mul(monkeypatch, rows):
     gen = torch.Generator().manual_seed(rows)
     gate_up = torch.randn(rows, 2 * 96, generator=gen) * 6        # exp's whole useful range, both signs
     fused = fused_ops.silu_and_mul(gate_up)

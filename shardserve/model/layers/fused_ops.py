@@ -18,12 +18,13 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
-    res_out = None if residual is None else torch.empty_like(x)
-    residual = None if residual is None else residual.contiguous()
-    native.lib().rms_norm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                              out.data_ptr(), None if res_out is None else res_out.data_ptr(), x.shape[0],
-                              x.shape[1], eps, torch.get_num_threads())
-    return out, res_out
+    if residual is None:
+        residual_in = residual_out = None
+    else:
+        residual_in, residual_out = residual.contiguous(), torch.empty_like(x)
+    native.lib().rms_norm_f32(x.data_ptr(), _ptr(residual_in), weight.data_ptr(), out.data_ptr(),
+                              _ptr(residual_out), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out, residual_out
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
@@ -48,3 +49,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     native.lib().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), t, width // 2, gate_up.stride(0),
                               torch.get_num_threads())
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """The tensor's data pointer, or None (a C NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
