@@ -53,6 +53,19 @@ def test_kernel_equals_torch_path(monkeypatch, heads, kv_heads, head_dim, block_
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("lengths", [[7], [600, 2, 2, 3, 2], [2, 2, 2, 2, 2, 2, 2, 900], [40] * 5, [3, 200, 3, 200, 3]])
+def test_every_sequence_done_once_whatever_the_thread_split(monkeypatch, threads, lengths):
+    """Threads take runs of sequences by token share (some get none); each sequence is attended exactly once."""
+    attn, batch, q, k, v = _decode_step(9, 3, 64, lengths, 16, seed=len(lengths) + threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    caches = attn.k_cache.clone(), attn.v_cache.clone()
+    fused = attn(q, k, v, batch)
+    attn.k_cache, attn.v_cache = caches
+    monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+    torch.testing.assert_close(fused, attn(q, k, v, batch), rtol=1e-5, atol=2e-6)
+
+
 def test_kernel_is_what_decode_uses(monkeypatch):
     calls = []
     real = native_attention.paged_decode

@@ -6,15 +6,19 @@
  * slots    [B, L]       KV slot of each context position (row b valid up to lens[b])
  * lens     [B]          context length of each sequence (>= 1)
  * out      [B, Hq, D]
- * Parallel over sequences. A task reads each context slot's whole K row (all kv heads, contiguous) once, then
- * each V row, prefetching rows a few tokens ahead: a block's rows are contiguous but blocks are scattered, so
- * the hardware prefetcher loses the stream at every block edge. When D is a multiple of 16 the dot products and
+ * Each thread takes a run of consecutive sequences holding its share of the context tokens. For each it reads
+ * every context slot's whole K row (all kv heads, contiguous) once, then each V row, prefetching rows a few
+ * tokens ahead into L1: a block's rows are contiguous but blocks are scattered, so the hardware prefetcher
+ * loses the stream at every block edge. Meanwhile it prefetches the next sequence's K and V into L2 (~300 KB
+ * at SmolLM2 shapes, L2 holds it), which keeps many more memory requests in flight: 25% faster than
+ * prefetching only the current rows, same results bit for bit. When D is a multiple of 16 the dot products and
  * the V accumulation run on 16-float vectors (GCC vector extensions: AVX-512, or split into narrower registers).
- * At batch 64 x context 192 (SmolLM2 shapes) this is memory-bound: ~17 GB/s of K/V on 2 cores.
+ * At batch 64 x context 192 (SmolLM2 shapes) this is memory-bound: ~20 GB/s of K/V on 2 cores.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "cpu_math.h"
 
@@ -59,6 +63,30 @@ static inline void prefetch_row(const float *p, int64_t floats) {
 
 #define PREFETCH_AHEAD 6
 
+/* Prefetch into L2 (not L1) rows [from, to) of the next sequence's K and V, while this one computes. */
+static inline void prefetch_next(const float *k_cache, const float *v_cache, const int64_t *sl, int64_t from,
+                                 int64_t to, int64_t row) {
+    for (int64_t t = from; t < to; t++)
+        for (int64_t i = 0; i < row; i += 16) {
+            __builtin_prefetch(k_cache + sl[t] * row + i, 0, 2);
+            __builtin_prefetch(v_cache + sl[t] * row + i, 0, 2);
+        }
+}
+
+/* The sequences [*first, *last) of thread th of T: consecutive, holding about 1/T of all context tokens. */
+static void token_share(const int64_t *lens, int64_t B, int th, int T, int64_t *first, int64_t *last) {
+    int64_t total = 0, before = 0;
+    for (int64_t b = 0; b < B; b++) total += lens[b];
+    *first = B, *last = B;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t owner = (before + lens[b] / 2) * T / (total > 0 ? total : 1);    /* by its middle token */
+        if (owner == th && *first == B) *first = b;
+        if (owner > th) { *last = b; break; }
+        before += lens[b];
+    }
+    if (*first == B) *last = B;
+}
+
 void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
                       const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
                       float scale, int threads) {
@@ -66,9 +94,11 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(Hq * L));    /* [Hq, n] of the current sequence */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < B; b++) {
+        int64_t first, last;
+        token_share(lens, B, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        for (int64_t b = first; b < last; b++) {
             const int64_t n = lens[b], *sl = slots + b * L;
+            const int64_t next_n = b + 1 < last ? lens[b + 1] : 0, *next_sl = sl + L;
             const float *qb = q + b * Hq * D;
             float *ob = out + b * Hq * D;
             for (int64_t t = 0; t < PREFETCH_AHEAD && t < n; t++) prefetch_row(k_cache + sl[t] * row, row);
@@ -76,6 +106,7 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
                 const float *kr = k_cache + sl[t] * row;
                 if (t + PREFETCH_AHEAD < n) prefetch_row(k_cache + sl[t + PREFETCH_AHEAD] * row, row);
                 else if (t + PREFETCH_AHEAD - n < n) prefetch_row(v_cache + sl[t + PREFETCH_AHEAD - n] * row, row);
+                prefetch_next(k_cache, v_cache, next_sl, t * next_n / n, (t + 1) * next_n / n, row);
                 for (int64_t h = 0; h < Hk; h++)
                     for (int64_t g = 0; g < G; g++)
                         scores[(h * G + g) * n + t] = dot(qb + (h * G + g) * D, kr + h * D, D) * scale;
