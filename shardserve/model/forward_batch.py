@@ -5,6 +5,7 @@ sequence), then each prefill chunk in turn. KV slots are flat indices: block_id 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,13 @@ class PrefillSegment:
     length: int                         # tokens in the chunk
     context_len: int                    # tokens attended to: cached prefix + this chunk
     context_slots: torch.Tensor | None  # [context_len] KV slots, None when the chunk is the whole context
-    mask: torch.Tensor | None           # [length, context_len] bool causal mask over the context
+    device: torch.device
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """[length, context_len] additive causal mask (0 visible, -inf not); built on first use, kept for the step."""
+        cached = self.context_len - self.length       # query i sits at position cached + i, sees keys 0 .. cached + i
+        return torch.full((self.length, self.context_len), float("-inf"), device=self.device).triu_(cached + 1)
 
 
 @dataclass
@@ -97,9 +104,6 @@ def _decode_context(decode: list[SeqChunk], block_size: int, device) -> tuple[to
 
 
 def _prefill_segment(first: int, n: int, start: int, block_ids: list[int], block_size: int, device) -> PrefillSegment:
-    if start == 0:
-        return PrefillSegment(first, n, n, None, None)
     ctx = start + n
-    # query i sits at position start + i and sees keys 0 .. start + i
-    mask = torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
-    return PrefillSegment(first, n, ctx, _context_slots(block_ids, ctx, block_size).to(device), mask.to(device))
+    slots = None if start == 0 else _context_slots(block_ids, ctx, block_size).to(device)
+    return PrefillSegment(first, n, ctx, slots, device)

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardserve.model.forward_batch import ForwardBatch
+from shardserve.model.forward_batch import ForwardBatch, PrefillSegment
 from shardserve.model.layers import native, native_attention
+
+_STACKED_MAX_SCORES = 512 * 512      # query x key pairs per head up to which CPU prefill uses stacked bmm
 
 
 class PagedAttention(nn.Module):
@@ -26,17 +28,35 @@ class PagedAttention(nn.Module):
             out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch)
         for seg in batch.prefills:
             rows = slice(seg.start, seg.start + seg.length)
-            qs = q[rows].transpose(0, 1)                                            # [Hq, n, hd]
             if seg.context_slots is None:
-                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)          # [Hk, n, hd]
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+                ks, vs = k[rows], v[rows]                                           # [n, Hk, hd]
             else:
-                ks = self.k_cache[seg.context_slots].transpose(0, 1)                # [Hk, ctx, hd]
-                vs = self.v_cache[seg.context_slots].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, scale=self.scale,
-                                                   enable_gqa=True)
-            out[rows] = o.transpose(0, 1)
+                ks, vs = self.k_cache[seg.context_slots], self.v_cache[seg.context_slots]   # [ctx, Hk, hd]
+            out[rows] = self._prefill(q[rows], ks, vs, seg)
         return out.reshape(q.shape[0], -1)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: PrefillSegment) -> torch.Tensor:
+        """One chunk's queries over its context: q [n, Hq, hd], k/v [ctx, Hk, hd] -> [n, Hq, hd].
+
+        On the CPU in float32, for chunks up to 512 x 512, two batched matmuls per kv head with the group's
+        query heads stacked as rows (no K/V repeat): 1.4-2x faster than SDPA here (128 tokens: 380 vs 524 us).
+        Longer chunks and other devices take SDPA, which never holds the whole [Hq, n, ctx] score matrix.
+        """
+        n, ctx = seg.length, seg.context_len
+        hk, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        if q.device.type == "cpu" and q.dtype == torch.float32 and n * ctx <= _STACKED_MAX_SCORES:
+            qg = q.view(n, hk, group, hd).permute(1, 2, 0, 3).reshape(hk, group * n, hd)      # [Hk, G*n, hd]
+            bias = seg.bias.expand(hk, group, n, ctx).reshape(hk, group * n, ctx)
+            scores = torch.baddbmm(bias, qg, k.permute(1, 2, 0), alpha=self.scale)          # [Hk, G*n, ctx]
+            o = torch.bmm(scores.softmax(-1), v.transpose(0, 1))                            # [Hk, G*n, hd]
+            return o.view(hk, group, n, hd).permute(2, 0, 1, 3).reshape(n, self.num_heads, hd)
+        qs, ks, vs = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if seg.context_slots is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.bias.to(q.dtype), scale=self.scale,
+                                               enable_gqa=True)
+        return o.transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One query per sequence over its gathered context, GQA without repeating K/V.
