@@ -56,13 +56,15 @@ void rotary_f32(const float *x, const int64_t *positions, const float *cos_table
     }
 }
 
-/* gate_up [T, 2I] (row stride row_stride; gate = first I columns, up = next I) -> out [T, I] = silu(gate) * up. */
-void silu_mul_f32(const float *restrict gate_up, float *restrict out, int64_t T, int64_t I, int64_t row_stride, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < T; t++) {
-        const float *restrict g = gate_up + t * row_stride, *restrict u = g + I;
-        float *restrict o = out + t * I;
+/* o[0:n] = silu(g) * u. Kept out of line: inlined into the row loop below, GCC 12 vectorizes it ~3x worse. */
+__attribute__((noinline)) static void silu_mul_row(const float *restrict g, const float *restrict u,
+                                                   float *restrict o, int64_t n) {
 #pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
-    }
+    for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
+}
+
+/* gate_up [T, 2I] (row stride row_stride; gate = first I columns, up = next I) -> out [T, I] = silu(gate) * up. */
+void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int64_t row_stride, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) silu_mul_row(gate_up + t * row_stride, gate_up + t * row_stride + I, out + t * I, I);
 }
