@@ -1,4 +1,4 @@
-"""The C fused ops (RMSNorm, rotary, SiLU*mul) give the torch expressions' values, and the layers use them."""
+"""The C fused ops (RMSNorm, rotary, SiLU*mul, KV write) give the torch results, and the layers use them."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -81,3 +81,34 @@ def test_mlp_uses_the_fused_activation(monkeypatch):
     fused, reference = _both(monkeypatch, lambda: mlp(x))
     assert calls == [1, 1]
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 2048])
+def test_kv_write_from_views_of_fused_qkv(monkeypatch, rows):
+    """K and V land in the slots index_copy_ puts them in, V read straight from the qkv output's columns."""
+    gen = torch.Generator().manual_seed(rows)
+    kv_heads, head_dim, num_slots = 3, 64, 4096
+    qkv = torch.randn(rows, (9 + 2 * kv_heads) * head_dim, generator=gen)
+    k = torch.randn(rows, kv_heads, head_dim, generator=gen)
+    v = qkv[:, -kv_heads * head_dim:].view(rows, kv_heads, head_dim)              # row stride 960, not 192
+    slots = torch.randperm(num_slots, generator=gen)[:rows]
+
+    def write():
+        caches = torch.zeros(num_slots, kv_heads, head_dim), torch.zeros(num_slots, kv_heads, head_dim)
+        if not fused_ops.write_kv(k, v, slots, *caches):
+            caches[0].index_copy_(0, slots, k)
+            caches[1].index_copy_(0, slots, v)
+        return caches
+
+    fused, reference = _both(monkeypatch, write)
+    assert fused_ops.write_kv(k, v, slots, *write())                            # the C path was the one taken
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kv_write_refuses_slots_outside_the_cache():
+    k_cache, v_cache = torch.zeros(16, 2, 8), torch.zeros(16, 2, 8)
+    k = v = torch.ones(3, 2, 8)
+    with pytest.raises(IndexError, match=r"1 slot\(s\) outside the cache's 16 slots"):
+        fused_ops.write_kv(k, v, torch.tensor([0, 16, 5]), k_cache, v_cache)
+    assert k_cache[0].eq(1).all() and k_cache[5].eq(1).all()                    # the good rows were written

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.model.forward_batch import ForwardBatch, PrefillSegment
-from shardserve.model.layers import native, native_attention
+from shardserve.model.layers import fused_ops, native, native_attention
 
 _STACKED_MAX_SCORES = 512 * 512      # query x key pairs per head up to which CPU prefill uses stacked bmm
 
@@ -21,8 +21,9 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, Hq, hd], k/v [T, Hk, hd] -> [T, Hq * hd]."""
-        self.k_cache.index_copy_(0, batch.slot_mapping, k)
-        self.v_cache.index_copy_(0, batch.slot_mapping, v)
+        if not fused_ops.write_kv(k, v, batch.slot_mapping, self.k_cache, self.v_cache):
+            self.k_cache.index_copy_(0, batch.slot_mapping, k)
+            self.v_cache.index_copy_(0, batch.slot_mapping, v)
         out = torch.empty_like(q)
         if batch.num_decode:
             out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch)

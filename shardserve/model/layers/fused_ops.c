@@ -6,6 +6,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cpu_math.h"
 
@@ -67,4 +68,23 @@ __attribute__((noinline)) static void silu_mul_row(const float *restrict g, cons
 void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int64_t row_stride, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) silu_mul_row(gate_up + t * row_stride, gate_up + t * row_stride + I, out + t * I, I);
+}
+
+/* k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t < T: rows of `row` floats (row strides k_stride,
+ * v_stride: views into the fused qkv output are fine). Caches hold num_slots rows. Returns the number of
+ * slots outside [0, num_slots), which are skipped (the caller raises). */
+int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+                     float *k_cache, float *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (T * row >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0 || s >= num_slots) {
+            bad++;
+            continue;
+        }
+        memcpy(k_cache + s * row, k + t * k_stride, sizeof(float) * (size_t)row);
+        memcpy(v_cache + s * row, v + t * v_stride, sizeof(float) * (size_t)row);
+    }
+    return bad;
 }

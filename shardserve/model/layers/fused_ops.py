@@ -51,6 +51,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> bool:
+    """k_cache[slots] = k, v_cache[slots] = v (k/v [T, Hk, hd], any row stride); False when it does not apply."""
+    if (not native.applies(k, v, k_cache, v_cache) or slots.dtype != torch.int64 or not slots.is_contiguous()
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k.shape != v.shape
+            or k.shape[1:] != k_cache.shape[1:] or v_cache.shape != k_cache.shape
+            or any(x.stride(2) != 1 or x.stride(1) != x.shape[2] for x in (k, v))):
+        return False
+    row = k.shape[1] * k.shape[2]
+    bad = native.lib().kv_write_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), k.shape[0], row, k_cache.shape[0],
+                                    torch.get_num_threads())
+    if bad:
+        raise IndexError(f"KV write: {bad} slot(s) outside the cache's {k_cache.shape[0]} slots")
+    return True
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     """The tensor's data pointer, or None (a C NULL) for no tensor."""
     return None if t is None else t.data_ptr()

@@ -26,11 +26,12 @@ SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "fused_
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {                                  # C function -> argument types (every one returns void)
-    "paged_decode_f32": [_P] * 6 + [_I] * 5 + [_F, ctypes.c_int],
-    "rms_norm_f32": [_P] * 5 + [_I] * 2 + [_F, ctypes.c_int],
-    "rotary_f32": [_P] * 5 + [_I] * 4 + [ctypes.c_int],
-    "silu_mul_f32": [_P] * 2 + [_I] * 3 + [ctypes.c_int],
+SIGNATURES = {                                  # C function -> (return type, argument types)
+    "paged_decode_f32": (None, [_P] * 6 + [_I] * 5 + [_F, ctypes.c_int]),
+    "rms_norm_f32": (None, [_P] * 5 + [_I] * 2 + [_F, ctypes.c_int]),
+    "rotary_f32": (None, [_P] * 5 + [_I] * 4 + [ctypes.c_int]),
+    "silu_mul_f32": (None, [_P] * 2 + [_I] * 3 + [ctypes.c_int]),
+    "kv_write_f32": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -66,9 +67,9 @@ def _build() -> ctypes.CDLL | None:
                     return None
                 os.replace(built, target)                    # atomic: nobody loads a half-written file
     lib = ctypes.CDLL(str(target))
-    for name, argtypes in SIGNATURES.items():
+    for name, (restype, argtypes) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, argtypes
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
