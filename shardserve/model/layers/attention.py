@@ -26,7 +26,7 @@ class PagedAttention(nn.Module):
             self.v_cache.index_copy_(0, batch.slot_mapping, v)
         out = torch.empty_like(q)
         if batch.num_decode:
-            out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch)
+            self._decode(q[: batch.num_decode], batch, out[: batch.num_decode])
         for seg in batch.prefills:
             rows = slice(seg.start, seg.start + seg.length)
             if seg.context_slots is None:
@@ -59,16 +59,17 @@ class PagedAttention(nn.Module):
                                                enable_gqa=True)
         return o.transpose(0, 1)
 
-    def _decode(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor) -> None:
         """One query per sequence over its gathered context, GQA without repeating K/V.
 
-        q [B, Hq, hd] -> [B, Hq, hd]. On the CPU in float32 the C kernel reads K/V in place from the blocks
+        q [B, Hq, hd] -> out [B, Hq, hd]. On the CPU in float32 the C kernel reads K/V in place from the blocks
         (native_attention). Otherwise batched matmuls over (sequence, kv head), which beat SDPA's masked math
         path here by ~3x: the gather is one index_select per cache, the rest is two small bmm calls.
         """
         if native.applies(q):
-            return native_attention.paged_decode(q, self.k_cache, self.v_cache, batch.decode_slots,
-                                                 batch.decode_lens, self.scale)
+            native_attention.paged_decode(q, self.k_cache, self.v_cache, batch.decode_slots, batch.decode_lens,
+                                          self.scale, out)
+            return
         bsz, width = batch.decode_slots.shape
         hk, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         flat = batch.decode_slots.view(-1)
@@ -80,4 +81,4 @@ class PagedAttention(nn.Module):
         scores = torch.baddbmm(batch.decode_bias.expand(bsz, hk, group, width).reshape(bsz * hk, group, width),
                                q.reshape(bsz * hk, group, hd), keys.transpose(1, 2), alpha=self.scale)
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)      # [B * Hk, G, L]
-        return torch.bmm(probs, values).view(bsz, self.num_heads, hd)
+        torch.bmm(probs, values, out=out.view(bsz * hk, group, hd))
