@@ -14,8 +14,10 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
     "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
-                              "rotary and SiLU*mul, built with gcc on first use) or 'torch' (pure torch ops)",
+                              "rotary, SiLU*mul and the KV write, built with gcc on first use) or 'torch' (pure torch ops)",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
+    "SHARDSERVE_CPU_BIND": "CPU ranks of one node: 'auto' (default: each rank pinned to its own cores when the "
+                           "ranks' threads fit on the allowed cores) or 'off' (the OS places them)",
     "CUDA_VISIBLE_DEVICES": "GPUs a worker may see (set by the executor, or by the user)",
     "LOCAL_RANK": "rank of this process on its node (torchrun)",
     "RANK": "global rank of this process (torchrun / external launcher)",
@@ -121,6 +123,14 @@ def cpu_kernels() -> str:
     value = (_get("SHARDSERVE_CPU_KERNELS") or "native").lower()
     if value not in ("native", "torch"):
         raise ValueError(f"SHARDSERVE_CPU_KERNELS={value!r}: expected 'native' or 'torch'")
+    return value
+
+
+def cpu_bind() -> str:
+    """SHARDSERVE_CPU_BIND: "auto" (default) or "off"."""
+    value = (_get("SHARDSERVE_CPU_BIND") or "auto").lower()
+    if value not in ("auto", "off"):
+        raise ValueError(f"SHARDSERVE_CPU_BIND={value!r}: expected 'auto' or 'off'")
     return value
 
 

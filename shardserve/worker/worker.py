@@ -16,6 +16,7 @@ from shardserve.distributed.control_server import SecureStore
 from shardserve.distributed.parallel_state import (ParallelContext, destroy_parallel_context,
                                                    init_parallel_context)
 from shardserve.model.loader import load_model
+from shardserve.worker.cpu_binding import bind_rank
 from shardserve.worker.malloc_tuning import keep_freed_memory
 from shardserve.worker.model_runner import ModelRunner
 
@@ -39,14 +40,17 @@ class Worker:
         self.config, self.dist_init = config, dist_init
         self.ctx: ParallelContext | None = None
         self.runner: ModelRunner | None = None
+        self.cores: list[int] | None = None       # CPU cores this rank is pinned to (None: not pinned)
 
     # ---- start-up -----------------------------------------------------------------------------------
     def init_device(self) -> None:
         par, d = self.config.parallel, self.dist_init
-        torch.set_num_threads(par.rank_threads(d.local_world_size))
+        threads = par.rank_threads(d.local_world_size)
         device = torch.device("cuda", d.local_rank) if par.device == "cuda" else torch.device("cpu")
         if device.type == "cpu":
             keep_freed_memory()
+            self.cores = bind_rank(d.local_rank, d.local_world_size, threads)     # before torch starts threads
+        torch.set_num_threads(threads)
         if par.world_size == 1:
             self.ctx = ParallelContext.single(device)
         else:
