@@ -1,0 +1,121 @@
+"""CPU kernels at SmolLM2 shapes, each against the torch path it replaces, timed in one invocation.
+
+    python benchmarks/kernels.py [--rounds 8]
+
+Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the cache as after churn) for the
+tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
+for one 128-token prompt (stacked bmm vs SDPA); SiLU*mul; the KV-cache write. Each cell is the median over
+`--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both sides alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from shardserve.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
+from shardserve.model.layers import attention, fused_ops, native  # noqa: E402
+from shardserve.model.layers.attention import PagedAttention  # noqa: E402
+from shardserve.worker.malloc_tuning import keep_freed_memory  # noqa: E402
+
+BLOCK = 16
+
+
+def decode_case(heads: int, kv_heads: int, batch: int = 64, context: int = 192, layers: int = 30):
+    """`layers` PagedAttention layers with random caches (cold across layers, as in a real step), one batch."""
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    blocks_each = -(-context // BLOCK)
+    free = list(range(1, batch * blocks_each + 1))
+    rng.shuffle(free)
+    chunks = [SeqChunk([5], context - 1, free[b * blocks_each:(b + 1) * blocks_each], True) for b in range(batch)]
+    fb = build_forward_batch(chunks, BLOCK, torch.device("cpu"))
+    attns = []
+    for _ in range(layers):
+        a = PagedAttention(heads, kv_heads, 64, 0.125)
+        a.k_cache = torch.randn((batch * blocks_each + 1) * BLOCK, kv_heads, 64, generator=gen)
+        a.v_cache = torch.randn_like(a.k_cache)
+        attns.append(a)
+    q = torch.randn(batch, heads, 64, generator=gen)
+    out = torch.empty_like(q)
+    return lambda: [a._decode(q, fb, out) for a in attns]
+
+
+def prefill_case(n: int = 128):
+    gen = torch.Generator().manual_seed(1)
+    a = PagedAttention(9, 3, 64, 0.125)
+    fb = build_forward_batch([SeqChunk([1] * n, 0, list(range(1, n // BLOCK + 2)), True)], BLOCK, torch.device("cpu"))
+    q, k, v = (torch.randn(n, h, 64, generator=gen) for h in (9, 3, 3))
+    return lambda: a._prefill(q, k, v, fb.prefills[0])
+
+
+def silu_case(rows: int = 64):
+    gate_up = torch.randn(rows, 3072)
+    return lambda: fused_ops.silu_and_mul(gate_up) if native.applies(gate_up) else \
+        torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+
+
+def kv_write_case(rows: int = 64):
+    qkv = torch.randn(rows, 960)
+    k, v = torch.randn(rows, 3, 64), qkv[:, 768:].view(rows, 3, 64)
+    slots = torch.randperm(8192)[:rows]
+    caches = torch.zeros(8192, 3, 64), torch.zeros(8192, 3, 64)
+
+    def write():
+        if not fused_ops.write_kv(k, v, slots, *caches):
+            caches[0].index_copy_(0, slots, k)
+            caches[1].index_copy_(0, slots, v)
+    return write
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    keep_freed_memory()
+    if not native.available():
+        sys.exit("the C kernels are not built here (no gcc, or SHARDSERVE_CPU_KERNELS=torch): nothing to compare")
+    cores = os.cpu_count() or 1
+    cases = [  # (what, threads, per-call unit, build, reps, per-call divisor)
+        ("decode attention 9/3 heads, B=64 ctx 192", min(2, cores), "ms/layer", decode_case(9, 3), 2, 30),
+        ("decode attention 6/2 heads (tp=2 rank 0)", 1, "ms/layer", decode_case(6, 2), 2, 30),
+        ("decode attention 3/1 heads (tp=2 rank 1)", 1, "ms/layer", decode_case(3, 1), 2, 30),
+        ("prefill attention, 128-token prompt", min(2, cores), "us", prefill_case(), 50, 1),
+        ("SiLU*mul [64, 3072]", min(2, cores), "us", silu_case(), 200, 1),
+        ("KV write, 64 rows", min(2, cores), "us", kv_write_case(), 500, 1),
+    ]
+    print(f"{cores} cores, torch {torch.__version__}, {args.rounds} interleaved rounds, medians\n")
+    print("| kernel | threads | shardserve | torch path | speed-up |\n|---|---:|---:|---:|---:|")
+    for what, threads, unit, fn, reps, per in cases:
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {"native": [], "torch": []}
+        for _ in range(args.rounds):
+            for path in times:
+                os.environ["SHARDSERVE_CPU_KERNELS"] = path
+                if path == "torch":          # the SDPA side of prefill: every chunk over the stacked-bmm limit
+                    attention._STACKED_MAX_SCORES, saved = 0, attention._STACKED_MAX_SCORES
+                times[path].append(timed(fn, reps) / per)
+                if path == "torch":
+                    attention._STACKED_MAX_SCORES = saved
+        os.environ.pop("SHARDSERVE_CPU_KERNELS")
+        scale = 1e3 if unit.startswith("ms") else 1e6
+        ours, base = (statistics.median(times[p]) * scale for p in ("native", "torch"))
+        print(f"| {what} | {threads} | {ours:.2f} {unit} | {base:.2f} {unit} | {base / ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
