@@ -40,7 +40,6 @@ class Worker:
         self.config, self.dist_init = config, dist_init
         self.ctx: ParallelContext | None = None
         self.runner: ModelRunner | None = None
-        self.cores: list[int] | None = None       # CPU cores this rank is pinned to (None: not pinned)
 
     # ---- start-up -----------------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -49,7 +48,7 @@ class Worker:
         device = torch.device("cuda", d.local_rank) if par.device == "cuda" else torch.device("cpu")
         if device.type == "cpu":
             keep_freed_memory()
-            self.cores = bind_rank(d.local_rank, d.local_world_size, threads)     # before torch starts threads
+            bind_rank(d.local_rank, d.local_world_size, threads)     # before torch starts its threads
         torch.set_num_threads(threads)
         if par.world_size == 1:
             self.ctx = ParallelContext.single(device)
