@@ -114,8 +114,10 @@ def test_store_has_tcpstore_semantics():
         with pytest.raises(RuntimeError, match="not set within"):
             store.wait(["never"], datetime.timedelta(seconds=0.3))
         other = SecureStore("127.0.0.1", server.port, SECRET, timeout_s=5)
-        threading.Timer(0.2, lambda: other.set("late", b"1")).start()
+        setter = threading.Timer(0.2, lambda: other.set("late", b"1"))
+        setter.start()
         assert store.get("late") == b"1"                                # get blocks until another rank sets it
+        setter.join(timeout=5)                  # its set() may still await the reply: close only after it
         other.close()
     finally:
         store.close()
