@@ -4,8 +4,8 @@
 
 Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the cache as after churn) for the
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
-for one 128-token prompt (stacked bmm vs SDPA); SiLU*mul; the KV-cache write. Each cell is the median over
-`--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both sides alike.
+for one 128-token prompt (stacked bmm vs SDPA); SiLU*mul; the KV-cache write; the greedy argmax. Each cell is
+the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both alike.
 """
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ def kv_write_case(rows: int = 64):
     return write
 
 
+def argmax_case(rows: int = 64, vocab: int = 49152):
+    logits = torch.randn(rows, vocab)
+    return lambda: fused_ops.argmax_rows(logits) if native.applies(logits) else logits.argmax(dim=-1)
+
+
 def timed(fn, reps: int) -> float:
     fn()
     start = time.perf_counter()
@@ -97,6 +102,7 @@ def main() -> None:
         ("prefill attention, 128-token prompt", min(2, cores), "us", prefill_case(), 50, 1),
         ("SiLU*mul [64, 3072]", min(2, cores), "us", silu_case(), 200, 1),
         ("KV write, 64 rows", min(2, cores), "us", kv_write_case(), 500, 1),
+        ("greedy argmax [64, 49152]", min(2, cores), "us", argmax_case(), 50, 1),
     ]
     print(f"{cores} cores, torch {torch.__version__}, {args.rounds} interleaved rounds, medians\n")
     print("| kernel | threads | shardserve | torch path | speed-up |\n|---|---:|---:|---:|---:|")

@@ -1,4 +1,4 @@
-"""The C fused ops (RMSNorm, rotary, SiLU*mul, KV write) give the torch results, and the layers use them."""
+"""The C fused ops (RMSNorm, rotary, SiLU*mul, KV write, argmax) give the torch results, and the layers use them."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -112,3 +112,38 @@ def test_kv_write_refuses_slots_outside_the_cache():
     with pytest.raises(IndexError, match=r"1 slot\(s\) outside the cache's 16 slots"):
         fused_ops.write_kv(k, v, torch.tensor([0, 16, 5]), k_cache, v_cache)
     assert k_cache[0].eq(1).all() and k_cache[5].eq(1).all()                    # the good rows were written
+
+
+def _argmax_cases():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 1000, generator=gen)
+    x[1, [17, 400, 999]] = 50.0                                     # ties: the first one wins
+    x[2, [5, 700]] = float("nan")                                   # NaN counts as the maximum, first NaN wins
+    x[3] = float("-inf")                                            # nothing finite: index 0
+    x[4, 300] = float("inf")
+    x[5, 999] = 1e30                                                # the maximum in the last, partial chunk
+    x[6, [64, 128]] = 40.0                                          # on chunk edges
+    x[7, 0] = float("nan")
+    x[8, 63] = 1e30
+    return {"varied": x, "padded vocab view": torch.randn(4, 1100, generator=gen)[:, :1000],
+            "batch 64 x 49152": torch.randn(64, 49152, generator=gen), "one column": torch.randn(5, 1, generator=gen)}
+
+
+@pytest.mark.parametrize("case", list(_argmax_cases()))
+def test_argmax_rows_matches_torch(case):
+    x = _argmax_cases()[case]
+    got = fused_ops.argmax_rows(x)
+    assert got is not None and got.dtype == torch.int64
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+
+
+def test_greedy_sampling_takes_the_kernel(monkeypatch):
+    from shardserve.model.layers import sampler
+    from shardserve.sampling_params import SamplingParams
+    calls = []
+    real = fused_ops.argmax_rows
+    monkeypatch.setattr(fused_ops, "argmax_rows", lambda x: calls.append(x.shape) or real(x))
+    logits = torch.randn(3, 50)
+    reqs = [sampler.SampleRequest(SamplingParams(temperature=0.0, max_tokens=4), 0, [1], []) for _ in range(3)]
+    assert sampler.sample(logits.clone(), reqs, ()).token_ids == logits.argmax(-1).tolist()
+    assert calls == [(3, 50)]

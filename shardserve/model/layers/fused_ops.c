@@ -88,3 +88,31 @@ int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v
     }
     return bad;
 }
+
+/* Index of the first maximum of x[0:n], torch.argmax's answer: NaN counts as the maximum (its first one wins).
+ * One vectorized pass finds the maximum and whether a NaN is present, a second finds where it first occurs. */
+__attribute__((noinline)) static int64_t argmax_row(const float *restrict x, int64_t n) {
+    float m = x[0];
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t i = 0; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+        nan |= x[i] != x[i];
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {               /* a vectorized test per 64, then the exact index */
+        const int64_t end = i0 + 64 < n ? i0 + 64 : n;
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t i = i0; i < end; i++) hit |= nan ? x[i] != x[i] : x[i] == m;
+        if (hit)
+            for (int64_t i = i0; i < end; i++)
+                if (nan ? x[i] != x[i] : x[i] == m) return i;
+    }
+    return 0;
+}
+
+/* x [T, V] (row stride row_stride) -> out [T]: argmax of each row. */
+void argmax_rows_f32(const float *x, int64_t row_stride, int64_t T, int64_t V, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * V >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) out[t] = argmax_row(x + t * row_stride, V);
+}

@@ -1,4 +1,4 @@
-"""Fused element-wise ops (fused_ops.c) for float32 on the CPU; each returns None when it does not apply.
+"""Fused element-wise ops (fused_ops.c) for float32 on the CPU; each returns None (or False) when it does not apply.
 
 Callers keep their torch expression as the fallback (CUDA, other dtypes, no C compiler), and the tests check
 both give the same values.
@@ -66,6 +66,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
     if bad:
         raise IndexError(f"KV write: {bad} slot(s) outside the cache's {k_cache.shape[0]} slots")
     return True
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x [T, V] (columns contiguous) -> [T] int64, equal to x.argmax(dim=-1) (first maximum; NaN wins)."""
+    if x.dim() != 2 or x.shape[1] == 0 or x.stride(1) != 1 or not native.applies(x):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    native.lib().argmax_rows_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
+                                 torch.get_num_threads())
+    return out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -32,6 +32,7 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "rotary_f32": (None, [_P] * 5 + [_I] * 4 + [ctypes.c_int]),
     "silu_mul_f32": (None, [_P] * 2 + [_I] * 3 + [ctypes.c_int]),
     "kv_write_f32": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
+    "argmax_rows_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False

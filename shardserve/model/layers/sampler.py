@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardserve.model.layers import fused_ops
 from shardserve.sampling_params import SamplingParams
 
 
@@ -35,7 +36,9 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: t
         raw_logprobs = torch.log_softmax(logits, dim=-1)               # of the model's raw distribution
     for row, req in enumerate(requests):
         _apply_penalties(logits[row], req, eos_token_ids)
-    tokens = logits.argmax(dim=-1)
+    tokens = fused_ops.argmax_rows(logits)
+    if tokens is None:
+        tokens = logits.argmax(dim=-1)
     for row, req in enumerate(requests):
         if not req.params.greedy:
             tokens[row] = _sample_row(logits[row], req)
