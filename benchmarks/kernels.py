@@ -10,6 +10,7 @@ the median over `--rounds` interleaved rounds (kernel, then torch, then kernel .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -79,6 +80,20 @@ def argmax_case(rows: int = 64, vocab: int = 49152):
     return lambda: fused_ops.argmax_rows(logits) if native.applies(logits) else logits.argmax(dim=-1)
 
 
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Run the block on shardserve's kernels ("native") or on the torch ops they replace ("torch": the C kernels
+    off, and prefill on SDPA, i.e. every chunk over the stacked-bmm limit)."""
+    stacked_max = attention._STACKED_MAX_SCORES
+    os.environ["SHARDSERVE_CPU_KERNELS"] = path
+    attention._STACKED_MAX_SCORES = stacked_max if path == "native" else 0
+    try:
+        yield
+    finally:
+        os.environ.pop("SHARDSERVE_CPU_KERNELS")
+        attention._STACKED_MAX_SCORES = stacked_max
+
+
 def timed(fn, reps: int) -> float:
     fn()
     start = time.perf_counter()
@@ -111,13 +126,8 @@ def main() -> None:
         times: dict[str, list[float]] = {"native": [], "torch": []}
         for _ in range(args.rounds):
             for path in times:
-                os.environ["SHARDSERVE_CPU_KERNELS"] = path
-                if path == "torch":          # the SDPA side of prefill: every chunk over the stacked-bmm limit
-                    attention._STACKED_MAX_SCORES, saved = 0, attention._STACKED_MAX_SCORES
-                times[path].append(timed(fn, reps) / per)
-                if path == "torch":
-                    attention._STACKED_MAX_SCORES = saved
-        os.environ.pop("SHARDSERVE_CPU_KERNELS")
+                with kernel_path(path):
+                    times[path].append(timed(fn, reps) / per)
         scale = 1e3 if unit.startswith("ms") else 1e6
         ours, base = (statistics.median(times[p]) * scale for p in ("native", "torch"))
         print(f"| {what} | {threads} | {ours:.2f} {unit} | {base:.2f} {unit} | {base / ours:.2f}x |")

@@ -14,8 +14,8 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
     "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
-                              "rotary, SiLU*mul, the KV write and greedy argmax, built with gcc on first use) or 'torch' "
-                              "(pure torch ops)",
+                              "rotary, SiLU*mul, the KV write and greedy argmax, built with gcc on first use) "
+                              "or 'torch' (pure torch ops)",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
     "SHARDSERVE_CPU_BIND": "CPU ranks of one node: 'auto' (default: each rank pinned to its own cores when the "
                            "ranks' threads fit on the allowed cores) or 'off' (the OS places them)",

@@ -40,7 +40,8 @@ class PagedAttention(nn.Module):
         """One chunk's queries over its context: q [n, Hq, hd], k/v [ctx, Hk, hd] -> [n, Hq, hd].
 
         On the CPU in float32, for chunks up to 512 x 512, two batched matmuls per kv head with the group's
-        query heads stacked as rows (no K/V repeat): 1.4-2x faster than SDPA here (128 tokens: 380 vs 524 us).
+        query heads stacked as rows (no K/V repeat): ~1.6x faster than SDPA here (128 tokens: 392 vs 634 us,
+        benchmarks/kernels.py).
         Longer chunks and other devices take SDPA, which never holds the whole [Hq, n, ctx] score matrix.
         """
         n, ctx = seg.length, seg.context_len

@@ -67,7 +67,8 @@ __attribute__((noinline)) static void silu_mul_row(const float *restrict g, cons
 /* gate_up [T, 2I] (row stride row_stride; gate = first I columns, up = next I) -> out [T, I] = silu(gate) * up. */
 void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int64_t row_stride, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < T; t++) silu_mul_row(gate_up + t * row_stride, gate_up + t * row_stride + I, out + t * I, I);
+    for (int64_t t = 0; t < T; t++)
+        silu_mul_row(gate_up + t * row_stride, gate_up + t * row_stride + I, out + t * I, I);
 }
 
 /* k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t < T: rows of `row` floats (row strides k_stride,
