@@ -42,6 +42,18 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @functools.cached_property
+    def prefill_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks for the C kernel, built on first use and kept for the step: segs [N, 4] (first row,
+        queries, context length, offset into slots) and slots [sum of contexts], each chunk's context slots."""
+        segs, slots, offset = [], [], 0
+        for seg in self.prefills:
+            own = self.slot_mapping[seg.start: seg.start + seg.length]
+            slots.append(own if seg.context_slots is None else seg.context_slots)
+            segs.append([seg.start, seg.length, seg.context_len, offset])
+            offset += seg.context_len
+        return torch.tensor(segs, dtype=torch.long), torch.cat(slots).contiguous()
+
 
 @dataclass
 class SeqChunk:

@@ -27,6 +27,9 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if batch.num_decode:
             self._decode(q[: batch.num_decode], batch, out[: batch.num_decode])
+        if batch.prefills and native_attention.prefill_applies(q, self.num_kv_heads):
+            native_attention.prefill(q, self.k_cache, self.v_cache, batch.prefill_plan, self.scale, out)
+            return out.reshape(q.shape[0], -1)
         for seg in batch.prefills:
             rows = slice(seg.start, seg.start + seg.length)
             if seg.context_slots is None:

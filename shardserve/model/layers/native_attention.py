@@ -1,4 +1,4 @@
-"""Paged decode attention through the C kernel (paged_decode.c): reads K/V in place from the block cache."""
+"""Paged attention through the C kernels (paged_decode.c, prefill_attention.c): K/V read in place from the block cache."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +21,24 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                                   lens.data_ptr(), out.data_ptr(), bsz, hq, k_cache.shape[1], hd, slots.shape[1],
                                   scale, torch.get_num_threads())
     return out
+
+
+def prefill_applies(q: torch.Tensor, num_kv_heads: int) -> bool:
+    """The prefill kernel takes float32 CPU queries [T, Hq, hd] with hd a multiple of 16 and up to 64 query heads
+    per kv head, heads contiguous within a row."""
+    _, hq, hd = q.shape
+    return (native.applies(q) and hd % 16 == 0 and hq // num_kv_heads <= 64 and q.stride(2) == 1
+            and q.stride(1) == hd)
+
+
+def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor],
+            scale: float, out: torch.Tensor) -> None:
+    """Every prefill chunk of the step (ForwardBatch.prefill_plan) attends causally over its context, whose K/V
+    are already in the caches [S, Hk, hd]; writes the chunks' rows of out [T, Hq, hd] (contiguous)."""
+    segs, slots = plan
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous() and out.shape == q.shape
+    assert segs.dtype == slots.dtype == torch.int64 and segs.is_contiguous() and slots.is_contiguous()
+    _, hq, hd = q.shape
+    native.lib().prefill_attention_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                       segs.data_ptr(), segs.shape[0], slots.data_ptr(), out.data_ptr(), hq,
+                                       k_cache.shape[1], hd, scale, torch.get_num_threads())
