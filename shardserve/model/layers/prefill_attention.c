@@ -16,6 +16,9 @@
  * each row's visible keys; P.V takes PV_ROWS rows at a time over V rows read in place. D must be a multiple of
  * 16 (the caller checks). About half the work of the full [n, ctx] products the batched-matmul path computes.
  */
+/* -std=c11 turns off contracting a * b + c into one FMA; its products are FMA chains, so this file turns it back on. */
+#pragma GCC optimize("fp-contract=fast")
+
 #include <float.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,0 +1,36 @@
+"""float32 linear layers through the C kernel (linear_f32.c), on weights packed into 16-column panels."""
+from __future__ import annotations
+
+import torch
+
+from shardserve.model.layers import native
+
+
+def preferred() -> bool:
+    """True when the kernels are built for a CPU with AVX-512 (elsewhere oneDNN's GEMM is the better choice)."""
+    return native.available() and bool(native.lib().linear_f32_preferred())
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), K, 16]: panel p holds output columns 16p .. 16p + 15 (zero past N)."""
+    n, k = weight.shape
+    panels = -(-n // 16)
+    padded = torch.zeros(panels * 16, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(panels, 16, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [..., K] float32 -> x W^T (+ bias) [..., n] for W packed by `pack`."""
+    k = packed.shape[1]
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    if not native.applies(rows, packed):              # kernels switched off after packing: same product in torch
+        out = rows @ packed.transpose(0, 1).reshape(k, -1)[:, :n]
+        return (out if bias is None else out + bias).reshape(*x.shape[:-1], n)
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
+    native.lib().linear_f32(rows.data_ptr(), rows.stride(0), packed.data_ptr(), bias_ptr, out.data_ptr(), n,
+                            rows.shape[0], n, k, torch.get_num_threads())
+    return out.reshape(*x.shape[:-1], n)
