@@ -12,6 +12,7 @@ from torch import nn
 from shardserve.distributed.parallel_state import ParallelContext
 from shardserve.model.forward_batch import ForwardBatch
 from shardserve.model.layers import fused_ops
+from shardserve.model.layers.native_decoder import NativeDecoder
 from shardserve.model.layers.attention import PagedAttention
 from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -89,6 +90,8 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(spec, ctx, rotary, dtype) if self.start_layer <= i < self.end_layer
             else PPMissingLayer() for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if self.last_stage else PPMissingLayer()
+        self.tp_size = ctx.tp.size
+        self.native: NativeDecoder | None | bool = False      # False: not decided yet (weights are packed later)
 
     def forward(self, batch: ForwardBatch, intermediate: dict[str, torch.Tensor] | None):
         """First stage: token ids -> hidden; others: {"hidden_states", "residual"} [T, hidden] from the
@@ -97,8 +100,14 @@ class LlamaModel(nn.Module):
             x, residual = self.embed_tokens(batch.input_ids), None
         else:
             x, residual = intermediate["hidden_states"], intermediate["residual"]
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            x, residual = layer(x, residual, batch)
+        layers = list(self.layers[self.start_layer:self.end_layer])
+        if self.native is False:
+            self.native = NativeDecoder(layers) if NativeDecoder.supports(layers, self.tp_size) else None
+        if self.native is not None and self.native.applies(x):
+            x, residual = self.native.run(x, residual, batch)
+        else:
+            for layer in layers:
+                x, residual = layer(x, residual, batch)
         if not self.last_stage:
             return {"hidden_states": x, "residual": residual}
         x, _ = self.norm(x, residual)

@@ -1,0 +1,101 @@
+"""A stage's Llama decoder layers in one C call per step (decoder_f32.c) when this rank holds whole layers.
+
+Applies to float32 on the CPU with one TP rank (no all-reduce inside a layer), panel-packed linears
+(native_linear) and a head size the attention kernels take; otherwise llama.py runs its per-op path, which
+computes the same values with the same kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from shardserve.model.forward_batch import ForwardBatch
+from shardserve.model.layers import native
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class Step(ctypes.Structure):
+    """Mirror of decoder_f32.c's Step."""
+    _fields_ = ([(name, _I) for name in ("T", "H", "Hq", "Hk", "D", "I", "num_slots")]
+                + [("eps", _F), ("scale", _F), ("threads", _I)]
+                + [(name, _P) for name in ("positions", "slot_mapping", "cos", "sin")]
+                + [("num_decode", _I), ("decode_width", _I), ("decode_slots", _P), ("decode_lens", _P)]
+                + [("num_segs", _I), ("segs", _P), ("seg_slots", _P)]
+                + [(name, _P) for name in ("h", "qkv", "q", "k", "attn", "gate_up", "act")])
+
+
+class NativeDecoder:
+    """Runs `layers` (LlamaDecoderLayer, all on this rank) through decoder_f32.c."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        first = layers[0]
+        attn = first.self_attn.attn
+        self.hidden = first.input_layernorm.weight.shape[0]
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.intermediate = first.mlp.down_proj.in_features
+        self.eps, self.scale = first.input_layernorm.eps, attn.scale
+        self.rotary = first.self_attn.rotary
+        # The weights' addresses, per layer: in/post norm, qkv weight and bias, o, gate_up, down (caches later).
+        self.weight_ptrs = [[layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                             layer.self_attn.qkv_proj.packed.data_ptr(), _ptr(layer.self_attn.qkv_proj.bias),
+                             layer.self_attn.o_proj.packed.data_ptr(), layer.mlp.gate_up_proj.packed.data_ptr(),
+                             layer.mlp.down_proj.packed.data_ptr()] for layer in layers]
+
+    @staticmethod
+    def supports(layers: list, tp_size: int) -> bool:
+        """Whole layers on this rank, float32 panel-packed linears, no o_proj/MLP bias, heads the kernels take."""
+        if tp_size != 1 or not layers or not native.available():
+            return False
+        first = layers[0]
+        attn = first.self_attn.attn
+        linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return (all(m.packed_rows and m.packed.dtype == torch.float32 for m in linears)
+                and all(m.bias is None for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                                                      layer.mlp.down_proj))
+                and first.input_layernorm.weight.dtype == torch.float32
+                and attn.head_dim % 16 == 0 and attn.num_heads // attn.num_kv_heads <= 64)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Per call: the kernels are on (SHARDSERVE_CPU_KERNELS) and x is float32 on the CPU."""
+        return native.applies(x)
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None,
+            batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] (and the residual [T, H], None before the first layer) -> both after the last layer."""
+        t, hd = x.shape[0], self.head_dim
+        nq, nkv, inter = self.heads * hd, self.kv_heads * hd, self.intermediate
+        has_residual = residual is not None
+        x = x.contiguous().clone()                  # written in place by the kernel
+        residual = residual.contiguous().clone() if has_residual else torch.empty_like(x)
+        table = torch.tensor([ptrs + [layer.self_attn.attn.k_cache.data_ptr(), layer.self_attn.attn.v_cache.data_ptr()]
+                              for ptrs, layer in zip(self.weight_ptrs, self.layers)], dtype=torch.int64)
+        scratch = {name: torch.empty(t, width) for name, width in
+                   (("h", self.hidden), ("qkv", nq + 2 * nkv), ("q", nq), ("k", nkv), ("attn", nq),
+                    ("gate_up", 2 * inter), ("act", inter))}
+        keep = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]      # alive through the call
+        step = Step(T=t, H=self.hidden, Hq=self.heads, Hk=self.kv_heads, D=hd, I=inter,
+                    num_slots=self.layers[0].self_attn.attn.k_cache.shape[0], eps=self.eps, scale=self.scale,
+                    threads=torch.get_num_threads(), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
+                    cos=self.rotary.cos.data_ptr(), sin=self.rotary.sin.data_ptr(),
+                    **{name: buf.data_ptr() for name, buf in scratch.items()})
+        if batch.num_decode:
+            slots, lens = batch.decode_slots.contiguous(), batch.decode_lens.contiguous()
+            keep += [slots, lens]
+            step.num_decode, step.decode_width = batch.num_decode, slots.shape[1]
+            step.decode_slots, step.decode_lens = slots.data_ptr(), lens.data_ptr()
+        if batch.prefills:
+            segs, seg_slots = batch.prefill_plan
+            step.num_segs, step.segs, step.seg_slots = segs.shape[0], segs.data_ptr(), seg_slots.data_ptr()
+        bad = native.lib().decoder_layers_f32(table.data_ptr(), len(self.layers), ctypes.byref(step), x.data_ptr(),
+                                              residual.data_ptr(), int(has_residual))
+        if bad:
+            raise IndexError(f"KV write: {bad} slot(s) outside the cache's {step.num_slots} slots")
+        return x, residual
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

@@ -1,0 +1,41 @@
+"""The one-call C decoder (decoder_f32.c) gives bit for bit the per-op path's results, through the engine:
+prompts of different lengths, a shared prefix served from the cache, prefill chunks next to decode rows."""
+from __future__ import annotations
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+from shardserve.model.layers import native
+from shardserve.model.layers.native_decoder import NativeDecoder
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")
+
+SHARED = [1, 200, 13, 7, 88, 91, 4, 100, 250, 17, 3, 600, 42, 42, 9, 870, 31, 2, 5, 77]
+PROMPTS = [[1, 5, 9, 33], SHARED + [8, 9, 10], [1, 42], SHARED + list(range(300, 340)), SHARED]
+
+
+def _generate(path: str, native_on: bool, monkeypatch) -> tuple[list, int]:
+    runs = []
+    real_run = NativeDecoder.run
+    monkeypatch.setattr(NativeDecoder, "run", lambda self, *a: runs.append(1) or real_run(self, *a))
+    if not native_on:
+        monkeypatch.setattr(NativeDecoder, "supports", staticmethod(lambda *a: False))
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, logprobs=3)
+    # 16-token blocks and 24-token steps: the long prompt is chunked, and chunks share steps with decode rows
+    with LLM(path, max_model_len=256, kv_cache_memory=4 << 20, block_size=16, max_num_batched_tokens=24,
+             enable_prefix_caching=True) as llm:
+        llm.generate([{"prompt_token_ids": SHARED}], SamplingParams(max_tokens=1), use_tqdm=False)  # cache the prefix
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    monkeypatch.undo()
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+            for o in outs], len(runs)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "mistral"])
+def test_native_decoder_equals_per_op_path(name, request, monkeypatch):
+    path = request.getfixturevalue(name)
+    with_native, runs = _generate(path, True, monkeypatch)
+    assert runs > 0                                      # the one-call decoder did run
+    per_op, runs = _generate(path, False, monkeypatch)
+    assert runs == 0
+    assert with_native == per_op                         # tokens and logprob values, exactly
