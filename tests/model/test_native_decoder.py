@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardserve import LLM, SamplingParams
-from shardserve.model.layers import native
+from shardserve.model.layers import native, native_decoder
 from shardserve.model.layers.native_decoder import NativeDecoder
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")
@@ -14,8 +14,10 @@ SHARED = [1, 200, 13, 7, 88, 91, 4, 100, 250, 17, 3, 600, 42, 42, 9, 870, 31, 2,
 PROMPTS = [[1, 5, 9, 33], SHARED + [8, 9, 10], [1, 42], SHARED + list(range(300, 340)), SHARED]
 
 
-def _generate(path: str, native_on: bool, monkeypatch) -> tuple[list, int]:
+def _generate(path: str, native_on: bool, monkeypatch, threads: int = 0) -> tuple[list, int]:
     runs = []
+    if threads:
+        monkeypatch.setattr(native_decoder, "_threads", lambda: threads)
     real_run = NativeDecoder.run
     monkeypatch.setattr(NativeDecoder, "run", lambda self, *a: runs.append(1) or real_run(self, *a))
     if not native_on:
@@ -31,10 +33,12 @@ def _generate(path: str, native_on: bool, monkeypatch) -> tuple[list, int]:
             for o in outs], len(runs)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "mistral"])
-def test_native_decoder_equals_per_op_path(name, request, monkeypatch):
+@pytest.mark.parametrize("name,threads", [("llama_gqa", 1), ("llama_gqa", 2), ("llama_gqa", 3), ("qwen2", 2),
+                                          ("mistral", 2)])
+def test_native_decoder_equals_per_op_path(name, threads, request, monkeypatch):
+    """One stream with every kernel on all threads (1), or 2-3 row streams of single-threaded kernels."""
     path = request.getfixturevalue(name)
-    with_native, runs = _generate(path, True, monkeypatch)
+    with_native, runs = _generate(path, True, monkeypatch, threads)
     assert runs > 0                                      # the one-call decoder did run
     per_op, runs = _generate(path, False, monkeypatch)
     assert runs == 0

@@ -10,6 +10,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <omp.h>
 
 void rms_norm_f32(const float *x, const float *residual, const float *weight, float *out, float *residual_out,
                   int64_t T, int64_t H, float eps, int threads);
@@ -43,38 +44,82 @@ typedef struct {
                                                          [T, Hq D], [T, 2 I], [T, I] */
 } Step;
 
-/* Returns the number of KV slots outside the cache (their writes skipped; the caller raises). */
-int64_t decoder_layers_f32(const int64_t *layers, int64_t n_layers, const Step *s, float *x, float *residual,
-                           int has_residual) {
-    const int64_t T = s->T, H = s->H, I = s->I, nq = s->Hq * s->D, nkv = s->Hk * s->D, nqkv = nq + 2 * nkv;
-    const int th = (int)s->threads;
+/* Layers over rows [r0, r1) of the step, which hold decode rows [d0, d1) and prefill chunks [c0, c1), on
+ * `th` threads per kernel. Returns the number of KV slots outside the cache (their writes are skipped). */
+static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, float *x_all, float *res_all,
+                        int has_residual, int64_t r0, int64_t r1, int64_t d0, int64_t d1, int64_t c0, int64_t c1,
+                        int th) {
+    const int64_t T = r1 - r0, H = s->H, I = s->I, nq = s->Hq * s->D, nkv = s->Hk * s->D, nqkv = nq + 2 * nkv;
+    float *x = x_all + r0 * H, *residual = res_all + r0 * H, *h = s->h + r0 * H, *qkv = s->qkv + r0 * nqkv;
+    float *q = s->q + r0 * nq, *k = s->k + r0 * nkv, *attn = s->attn + r0 * nq;
+    float *gate_up = s->gate_up + r0 * 2 * I, *act = s->act + r0 * I;
+    const int64_t *positions = s->positions + r0, *slot_mapping = s->slot_mapping + r0;
     int64_t bad = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const float *const *p = (const float *const *)(layers + l * LAYER_PTRS);
         float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
         if (has_residual) {
-            rms_norm_f32(x, residual, p[IN_NORM], s->h, residual, T, H, s->eps, th);
+            rms_norm_f32(x, residual, p[IN_NORM], h, residual, T, H, s->eps, th);
         } else {                                  /* the first layer: its input is the residual */
             memcpy(residual, x, sizeof(float) * (size_t)(T * H));
-            rms_norm_f32(x, NULL, p[IN_NORM], s->h, NULL, T, H, s->eps, th);
+            rms_norm_f32(x, NULL, p[IN_NORM], h, NULL, T, H, s->eps, th);
             has_residual = 1;
         }
-        linear_f32(s->h, H, p[QKV_W], p[QKV_B], s->qkv, nqkv, T, nqkv, H, th);
-        rotary_f32(s->qkv, s->positions, s->cos, s->sin, s->q, T, s->Hq, s->D, nqkv, th);
-        rotary_f32(s->qkv + nq, s->positions, s->cos, s->sin, s->k, T, s->Hk, s->D, nqkv, th);
-        bad += kv_write_f32(s->k, nkv, s->qkv + nq + nkv, nqkv, s->slot_mapping, k_cache, v_cache, T, nkv,
-                            s->num_slots, th);
-        if (s->num_decode)
-            paged_decode_f32(s->q, k_cache, v_cache, s->decode_slots, s->decode_lens, s->attn, s->num_decode,
-                             s->Hq, s->Hk, s->D, s->decode_width, s->scale, th);
-        if (s->num_segs)
-            prefill_attention_f32(s->q, nq, k_cache, v_cache, s->segs, s->num_segs, s->seg_slots, s->attn, s->Hq,
-                                  s->Hk, s->D, s->scale, th);
-        linear_f32(s->attn, nq, p[O_W], NULL, x, H, T, H, nq, th);
-        rms_norm_f32(x, residual, p[POST_NORM], s->h, residual, T, H, s->eps, th);
-        linear_f32(s->h, H, p[GATE_UP_W], NULL, s->gate_up, 2 * I, T, 2 * I, H, th);
-        silu_mul_f32(s->gate_up, s->act, T, I, 2 * I, th);
-        linear_f32(s->act, I, p[DOWN_W], NULL, x, H, T, H, I, th);
+        linear_f32(h, H, p[QKV_W], p[QKV_B], qkv, nqkv, T, nqkv, H, th);
+        rotary_f32(qkv, positions, s->cos, s->sin, q, T, s->Hq, s->D, nqkv, th);
+        rotary_f32(qkv + nq, positions, s->cos, s->sin, k, T, s->Hk, s->D, nqkv, th);
+        bad += kv_write_f32(k, nkv, qkv + nq + nkv, nqkv, slot_mapping, k_cache, v_cache, T, nkv, s->num_slots, th);
+        if (d1 > d0)
+            paged_decode_f32(s->q + d0 * nq, k_cache, v_cache, s->decode_slots + d0 * s->decode_width,
+                             s->decode_lens + d0, s->attn + d0 * nq, d1 - d0, s->Hq, s->Hk, s->D, s->decode_width,
+                             s->scale, th);
+        if (c1 > c0)                              /* chunk rows in segs are absolute: the step's q and attn */
+            prefill_attention_f32(s->q, nq, k_cache, v_cache, s->segs + 4 * c0, c1 - c0, s->seg_slots, s->attn,
+                                  s->Hq, s->Hk, s->D, s->scale, th);
+        linear_f32(attn, nq, p[O_W], NULL, x, H, T, H, nq, th);
+        rms_norm_f32(x, residual, p[POST_NORM], h, residual, T, H, s->eps, th);
+        linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, T, 2 * I, H, th);
+        silu_mul_f32(gate_up, act, T, I, 2 * I, th);
+        linear_f32(act, I, p[DOWN_W], NULL, x, H, T, H, I, th);
+    }
+    return bad;
+}
+
+/* First row of unit u: units are the decode rows, then the prefill chunks, in row order (T past the last). */
+static int64_t unit_row(const Step *s, int64_t u) {
+    if (u < s->num_decode) return u;
+    return u - s->num_decode < s->num_segs ? s->segs[4 * (u - s->num_decode)] : s->T;
+}
+
+/* Runs the layers over all T rows. With `threads` or more units (decode rows and prefill chunks), each thread
+ * takes a run of whole units holding about 1/threads of the rows and carries it through every layer on its
+ * own, single-threaded kernels and no barrier between them: while one thread's attention waits on memory the
+ * other's GEMMs keep the FMA units busy, and the per-kernel fork/join is gone. Rows do not interact inside a
+ * layer, so the values are those of one pass over all rows. Fewer units (a batch-1 decode step): one pass,
+ * every kernel on all threads. Returns the number of KV slots outside the cache (the caller raises). */
+int64_t decoder_layers_f32(const int64_t *layers, int64_t n_layers, const Step *s, float *x, float *residual,
+                           int has_residual) {
+    const int64_t units = s->num_decode + s->num_segs;
+    const int streams = (int)(units < s->threads ? 1 : s->threads);
+    if (streams == 1)
+        return run_rows(layers, n_layers, s, x, residual, has_residual, 0, s->T, 0, s->num_decode, 0, s->num_segs,
+                        (int)s->threads);
+    int64_t bad = 0;
+#pragma omp parallel num_threads(streams) reduction(+ : bad)
+    {
+        const int i = omp_get_thread_num();
+        int64_t bounds[2];
+        for (int e = 0; e < 2; e++) {             /* the unit starting nearest to row (i + e) T / streams */
+            const int64_t target = (i + e) * s->T / streams;
+            int64_t u = 0;
+            while (u < units && unit_row(s, u) < target) u++;
+            if (u > 0 && target - unit_row(s, u - 1) < unit_row(s, u) - target) u--;
+            const int64_t lo = i + e, hi = units - (streams - i - e);     /* every stream keeps one unit */
+            bounds[e] = u < lo ? lo : (u > hi ? hi : u);
+        }
+        const int64_t u0 = bounds[0], u1 = bounds[1], nd = s->num_decode;
+        bad += run_rows(layers, n_layers, s, x, residual, has_residual, unit_row(s, u0), unit_row(s, u1),
+                        u0 < nd ? u0 : nd, u1 < nd ? u1 : nd, (u0 > nd ? u0 : nd) - nd, (u1 > nd ? u1 : nd) - nd, 1);
     }
     return bad;
 }

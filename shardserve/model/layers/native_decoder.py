@@ -79,7 +79,7 @@ class NativeDecoder:
         keep = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]      # alive through the call
         step = Step(T=t, H=self.hidden, Hq=self.heads, Hk=self.kv_heads, D=hd, I=inter,
                     num_slots=self.layers[0].self_attn.attn.k_cache.shape[0], eps=self.eps, scale=self.scale,
-                    threads=torch.get_num_threads(), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
+                    threads=_threads(), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
                     cos=self.rotary.cos.data_ptr(), sin=self.rotary.sin.data_ptr(),
                     **{name: buf.data_ptr() for name, buf in scratch.items()})
         if batch.num_decode:
@@ -95,6 +95,11 @@ class NativeDecoder:
         if bad:
             raise IndexError(f"KV write: {bad} slot(s) outside the cache's {step.num_slots} slots")
         return x, residual
+
+
+def _threads() -> int:
+    """Threads for the call: with at least this many decode rows and prefill chunks, as many row streams."""
+    return torch.get_num_threads()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
