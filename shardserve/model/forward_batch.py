@@ -54,6 +54,17 @@ class ForwardBatch:
             offset += seg.context_len
         return torch.tensor(segs, dtype=torch.long), torch.cat(slots).contiguous()
 
+    @functools.cached_property
+    def sampled_row_segs(self) -> torch.Tensor:
+        """prefill_plan's segs [N, 4] cut to each chunk's last query where that row is sampled, and to no query
+        where it is not: the attention a last layer needs when only the sampled rows' outputs are used."""
+        segs = self.prefill_plan[0].clone()
+        sampled = set(self.logits_indices.tolist()) if self.logits_indices is not None else set()
+        for row in segs:
+            last = int(row[0] + row[1] - 1)
+            row[0], row[1] = (last, 1) if last in sampled else (row[0], 0)
+        return segs
+
 
 @dataclass
 class SeqChunk:

@@ -95,7 +95,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, intermediate: dict[str, torch.Tensor] | None):
         """First stage: token ids -> hidden; others: {"hidden_states", "residual"} [T, hidden] from the
-        previous stage. Returns the final normed hidden states (last stage) or the hand-off dict."""
+        previous stage. Returns the final normed hidden states (last stage; only the rows at
+        batch.logits_indices are guaranteed, the one-call decoder skips the others' last layer) or the hand-off
+        dict."""
         if self.first_stage:
             x, residual = self.embed_tokens(batch.input_ids), None
         else:
@@ -104,7 +106,7 @@ class LlamaModel(nn.Module):
         if self.native is False:
             self.native = NativeDecoder(layers) if NativeDecoder.supports(layers, self.tp_size) else None
         if self.native is not None and self.native.applies(x):
-            x, residual = self.native.run(x, residual, batch)
+            x, residual = self.native.run(x, residual, batch, sampled_only=self.last_stage)
         else:
             for layer in layers:
                 x, residual = layer(x, residual, batch)

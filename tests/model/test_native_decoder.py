@@ -3,10 +3,12 @@ prompts of different lengths, a shared prefix served from the cache, prefill chu
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardserve import LLM, SamplingParams
 from shardserve.model.layers import native, native_decoder
 from shardserve.model.layers.native_decoder import NativeDecoder
+from shardserve.model.llama import LlamaModel
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")
 
@@ -19,7 +21,7 @@ def _generate(path: str, native_on: bool, monkeypatch, threads: int = 0) -> tupl
     if threads:
         monkeypatch.setattr(native_decoder, "_threads", lambda: threads)
     real_run = NativeDecoder.run
-    monkeypatch.setattr(NativeDecoder, "run", lambda self, *a: runs.append(1) or real_run(self, *a))
+    monkeypatch.setattr(NativeDecoder, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
     if not native_on:
         monkeypatch.setattr(NativeDecoder, "supports", staticmethod(lambda *a: False))
     params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, logprobs=3)
@@ -43,3 +45,39 @@ def test_native_decoder_equals_per_op_path(name, threads, request, monkeypatch):
     per_op, runs = _generate(path, False, monkeypatch)
     assert runs == 0
     assert with_native == per_op                         # tokens and logprob values, exactly
+
+
+def _hidden_states(path: str, native_on: bool, monkeypatch) -> list:
+    """The last stage's output rows and its sampled rows, for each step of a prefill-heavy run."""
+    seen = []
+    real_forward = LlamaModel.forward
+
+    def forward(self, batch, intermediate):
+        out = real_forward(self, batch, intermediate)
+        seen.append((out.clone(), batch.logits_indices.tolist()))
+        return out
+
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+    if not native_on:
+        monkeypatch.setattr(NativeDecoder, "supports", staticmethod(lambda *a: False))
+    with LLM(path, max_model_len=256, kv_cache_memory=4 << 20, max_num_batched_tokens=24,
+             enable_prefix_caching=False) as llm:
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=3),
+                     use_tqdm=False)
+    monkeypatch.undo()
+    return seen
+
+
+def test_last_layer_skips_rows_nobody_samples(llama_gqa, monkeypatch):
+    """Sampled rows equal the per-op path's bit for bit; a prefill chunk's other rows skip the last layer's
+    attention and MLP, so they do not (they are never read)."""
+    native_steps = _hidden_states(llama_gqa, True, monkeypatch)
+    per_op_steps = _hidden_states(llama_gqa, False, monkeypatch)
+    assert len(native_steps) == len(per_op_steps)
+    skipped = 0
+    for (a, rows), (b, rows_b) in zip(native_steps, per_op_steps):
+        assert rows == rows_b
+        assert torch.equal(a[rows], b[rows])
+        others = [r for r in range(a.shape[0]) if r not in rows]
+        skipped += sum(not torch.equal(a[r], b[r]) for r in others)
+    assert skipped > 0

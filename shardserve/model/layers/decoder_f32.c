@@ -40,12 +40,44 @@ typedef struct {
     const int64_t *decode_slots, *decode_lens;    /* [B, L], [B] */
     int64_t num_segs;                             /* prefill chunks (prefill_attention_f32's segs / slots) */
     const int64_t *segs, *seg_slots;
+    int64_t skip_unsampled, num_keep;             /* 1: the last layer finishes only rows keep[0 .. num_keep) */
+    const int64_t *keep, *keep_segs;              /* ascending rows; segs cut to those rows (sampled_row_segs) */
     float *h, *qkv, *q, *k, *attn, *gate_up, *act;    /* scratch: [T, H], [T, Nqkv], [T, Hq D], [T, Hk D],
                                                          [T, Hq D], [T, 2 I], [T, I] */
 } Step;
 
 /* Layers over rows [r0, r1) of the step, which hold decode rows [d0, d1) and prefill chunks [c0, c1), on
  * `th` threads per kernel. Returns the number of KV slots outside the cache (their writes are skipped). */
+/* Moves the kept rows of [r0, r1) (keep[*k0 .. *k1)) to the front of attn and residual; returns how many. */
+static int64_t gather_kept(const Step *s, int64_t r0, int64_t r1, float *attn, float *residual, int64_t nq,
+                           int64_t H, int64_t *k0, int64_t *k1) {
+    *k0 = 0;
+    while (*k0 < s->num_keep && s->keep[*k0] < r0) (*k0)++;
+    *k1 = *k0;
+    while (*k1 < s->num_keep && s->keep[*k1] < r1) (*k1)++;
+    for (int64_t j = 0; j < *k1 - *k0; j++) {     /* ascending: a row never lands on one still to be moved */
+        const int64_t row = s->keep[*k0 + j] - r0;
+        if (row == j) continue;
+        memcpy(attn + j * nq, attn + row * nq, sizeof(float) * (size_t)nq);
+        memcpy(residual + j * H, residual + row * H, sizeof(float) * (size_t)H);
+    }
+    return *k1 - *k0;
+}
+
+/* The inverse for x and residual: compact row j back to its place (descending, for the same reason). */
+static void scatter_kept(const Step *s, int64_t r0, float *x, float *residual, int64_t H, int64_t k0, int64_t k1) {
+    for (int64_t j = k1 - k0 - 1; j >= 0; j--) {
+        const int64_t row = s->keep[k0 + j] - r0;
+        if (row == j) continue;
+        memcpy(x + row * H, x + j * H, sizeof(float) * (size_t)H);
+        memcpy(residual + row * H, residual + j * H, sizeof(float) * (size_t)H);
+    }
+}
+
+/* Layers over rows [r0, r1) of the step, which hold decode rows [d0, d1) and prefill chunks [c0, c1), on
+ * `th` threads per kernel. With skip_unsampled, the last layer writes every row's K/V but runs attention,
+ * o_proj and the MLP only for the kept (sampled) rows: nothing reads the others' outputs. Returns the number
+ * of KV slots outside the cache (their writes are skipped). */
 static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, float *x_all, float *res_all,
                         int has_residual, int64_t r0, int64_t r1, int64_t d0, int64_t d1, int64_t c0, int64_t c1,
                         int th) {
@@ -58,6 +90,7 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
     for (int64_t l = 0; l < n_layers; l++) {
         const float *const *p = (const float *const *)(layers + l * LAYER_PTRS);
         float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
+        const int skip = s->skip_unsampled && l == n_layers - 1;
         if (has_residual) {
             rms_norm_f32(x, residual, p[IN_NORM], h, residual, T, H, s->eps, th);
         } else {                                  /* the first layer: its input is the residual */
@@ -74,13 +107,16 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
                              s->decode_lens + d0, s->attn + d0 * nq, d1 - d0, s->Hq, s->Hk, s->D, s->decode_width,
                              s->scale, th);
         if (c1 > c0)                              /* chunk rows in segs are absolute: the step's q and attn */
-            prefill_attention_f32(s->q, nq, k_cache, v_cache, s->segs + 4 * c0, c1 - c0, s->seg_slots, s->attn,
-                                  s->Hq, s->Hk, s->D, s->scale, th);
-        linear_f32(attn, nq, p[O_W], NULL, x, H, T, H, nq, th);
-        rms_norm_f32(x, residual, p[POST_NORM], h, residual, T, H, s->eps, th);
-        linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, T, 2 * I, H, th);
-        silu_mul_f32(gate_up, act, T, I, 2 * I, th);
-        linear_f32(act, I, p[DOWN_W], NULL, x, H, T, H, I, th);
+            prefill_attention_f32(s->q, nq, k_cache, v_cache, (skip ? s->keep_segs : s->segs) + 4 * c0, c1 - c0,
+                                  s->seg_slots, s->attn, s->Hq, s->Hk, s->D, s->scale, th);
+        int64_t M = T, k0 = 0, k1 = 0;
+        if (skip) M = gather_kept(s, r0, r1, attn, residual, nq, H, &k0, &k1);
+        linear_f32(attn, nq, p[O_W], NULL, x, H, M, H, nq, th);
+        rms_norm_f32(x, residual, p[POST_NORM], h, residual, M, H, s->eps, th);
+        linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th);
+        silu_mul_f32(gate_up, act, M, I, 2 * I, th);
+        linear_f32(act, I, p[DOWN_W], NULL, x, H, M, H, I, th);
+        if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
     }
     return bad;
 }

@@ -23,6 +23,7 @@ class Step(ctypes.Structure):
                 + [(name, _P) for name in ("positions", "slot_mapping", "cos", "sin")]
                 + [("num_decode", _I), ("decode_width", _I), ("decode_slots", _P), ("decode_lens", _P)]
                 + [("num_segs", _I), ("segs", _P), ("seg_slots", _P)]
+                + [("skip_unsampled", _I), ("num_keep", _I), ("keep", _P), ("keep_segs", _P)]
                 + [(name, _P) for name in ("h", "qkv", "q", "k", "attn", "gate_up", "act")])
 
 
@@ -63,9 +64,11 @@ class NativeDecoder:
         """Per call: the kernels are on (SHARDSERVE_CPU_KERNELS) and x is float32 on the CPU."""
         return native.applies(x)
 
-    def run(self, x: torch.Tensor, residual: torch.Tensor | None,
-            batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] (and the residual [T, H], None before the first layer) -> both after the last layer."""
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+            sampled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] (and the residual [T, H], None before the first layer) -> both after the last layer.
+        sampled_only (the last stage, whose outputs are read only at batch.logits_indices): the last layer
+        finishes only those rows; the other rows of the result are left unspecified."""
         t, hd = x.shape[0], self.head_dim
         nq, nkv, inter = self.heads * hd, self.kv_heads * hd, self.intermediate
         has_residual = residual is not None
@@ -90,6 +93,13 @@ class NativeDecoder:
         if batch.prefills:
             segs, seg_slots = batch.prefill_plan
             step.num_segs, step.segs, step.seg_slots = segs.shape[0], segs.data_ptr(), seg_slots.data_ptr()
+        if sampled_only:
+            kept = batch.logits_indices
+            kept = torch.zeros(0, dtype=torch.int64) if kept is None else kept.contiguous()   # ascending rows
+            keep += [kept]
+            step.skip_unsampled, step.num_keep, step.keep = 1, kept.shape[0], kept.data_ptr()
+            if batch.prefills:
+                step.keep_segs = batch.sampled_row_segs.data_ptr()
         bad = native.lib().decoder_layers_f32(table.data_ptr(), len(self.layers), ctypes.byref(step), x.data_ptr(),
                                               residual.data_ptr(), int(has_residual))
         if bad:

@@ -178,7 +178,8 @@ void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cach
 #pragma omp for schedule(dynamic, 1)
         for (int64_t sh = 0; sh < N * Hk; sh++) {
             const int64_t s = sh / Hk, h = sh % Hk, ctx = segs[s * 4 + 2];
-            transpose_keys(&a, slots + segs[s * 4 + 3], ctx, h, kt + kt_at[s] + h * round16(ctx) * D);
+            if (segs[s * 4 + 1] > 0)              /* a chunk may carry no queries (see sampled_row_segs) */
+                transpose_keys(&a, slots + segs[s * 4 + 3], ctx, h, kt + kt_at[s] + h * round16(ctx) * D);
         }
         float *scores = malloc(sizeof(float) * (size_t)(QBLOCK * a.G * width));
 #pragma omp for schedule(dynamic, 1)
