@@ -52,6 +52,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, ctx.tp, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.gate_up_proj.silu_and_mul(x)
+        if act is not None:
+            return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         act = fused_ops.silu_and_mul(gate_up)
         if act is None:

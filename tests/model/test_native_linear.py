@@ -1,12 +1,14 @@
-"""The float32 GEMM kernel (linear_f32.c) on panel-packed weights equals F.linear, and LinearBase uses it."""
+"""The float32 GEMM kernels (linear_f32.c) on panel-packed weights equal F.linear (and, fused, SiLU * up), and the
+linear layers use them."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from shardserve.model.layers import native, native_linear
-from shardserve.model.layers.linear import ReplicatedLinear
+from shardserve.distributed.parallel_state import ParallelGroup
+from shardserve.model.layers import fused_ops, native, native_linear
+from shardserve.model.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")
 
@@ -78,3 +80,48 @@ def test_layer_prepacks_into_panels(monkeypatch):
     assert (layer.packed_rows == 37) == expect_panels and calls == ([1] if expect_panels else [])
     assert layer.weight.numel() == 0                       # the plain copy is released
     torch.testing.assert_close(out.double(), _expected(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("inter,k", [(768, 576), (16, 40), (48, 24)])      # 2 pairs per tile, and a lone pair
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_silu_gemm(restore_threads, rows, inter, k, threads):
+    """silu(x Wg^T) * (x Wu^T) from one GEMM equals the reference, and bit for bit the unfused kernels."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(rows + inter + k)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(2 * inter, k, generator=gen) * 0.3
+    packed = native_linear.pack_gate_up(w)
+    out = native_linear.silu_linear(x, packed, inter)
+    gate, up = _expected(x, w, None).split(inter, dim=-1)
+    # float32 sums of k products (|gate|, |up| up to ~20 here), then a product of two rounded values
+    torch.testing.assert_close(out.double(), F.silu(gate) * up, rtol=1e-4, atol=1e-3)
+    gate_up = native_linear.gate_up_columns(native_linear.linear(x, packed, None, 2 * inter))
+    assert torch.equal(out, fused_ops.silu_and_mul(gate_up))
+
+
+def test_fused_silu_torch_fallback(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    x, w = torch.randn(5, 24, generator=gen), torch.randn(64, 24, generator=gen)
+    packed = native_linear.pack_gate_up(w)
+    monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+    gate, up = _expected(x, w, None).split(32, dim=-1)
+    torch.testing.assert_close(native_linear.silu_linear(x, packed, 32).double(), F.silu(gate) * up,
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("inter,fused", [(32, True), (20, False)])   # a shard not a multiple of 16 stays unfused
+def test_gate_up_layer(inter, fused):
+    gen = torch.Generator().manual_seed(inter)
+    layer = MergedColumnParallelLinear(24, [inter, inter], ParallelGroup(ranks=[0], rank_in_group=0))
+    w = torch.randn(2 * inter, 24, generator=gen)
+    layer.weight.data.copy_(w)
+    layer.prepack()
+    x = torch.randn(3, 24, generator=gen)
+    assert layer.gate_up_silu == (fused and native_linear.preferred())
+    torch.testing.assert_close(layer(x).double(), _expected(x, w, None), rtol=1e-5, atol=1e-4)   # [gate | up]
+    act = layer.silu_and_mul(x)
+    if layer.gate_up_silu:
+        gate, up = _expected(x, w, None).split(inter, dim=-1)
+        torch.testing.assert_close(act.double(), F.silu(gate) * up, rtol=1e-5, atol=1e-4)
+    else:
+        assert act is None

@@ -27,13 +27,15 @@ void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cach
                            int64_t Hk, int64_t D, float scale, int threads);
 void linear_f32(const float *x, int64_t ldx, const float *w, const float *bias, float *out, int64_t ldo,
                 int64_t M, int64_t N, int64_t K, int threads);
+void linear_silu_f32(const float *x, int64_t ldx, const float *w, float *out, int64_t ldo, int64_t M, int64_t I,
+                     int64_t K, int threads);
 
 enum { IN_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE, LAYER_PTRS };
 
 typedef struct {
     int64_t T, H, Hq, Hk, D, I, num_slots;        /* tokens, hidden, heads, kv heads, head dim, intermediate */
     float eps, scale;
-    int64_t threads;
+    int64_t threads, fused_silu;                  /* fused_silu: gate_up packed for linear_silu_f32 */
     const int64_t *positions, *slot_mapping;      /* [T] */
     const float *cos, *sin;                       /* [max_positions, D / 2] */
     int64_t num_decode, decode_width;             /* decode rows come first: B, and L of decode_slots */
@@ -113,8 +115,12 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
         if (skip) M = gather_kept(s, r0, r1, attn, residual, nq, H, &k0, &k1);
         linear_f32(attn, nq, p[O_W], NULL, x, H, M, H, nq, th);
         rms_norm_f32(x, residual, p[POST_NORM], h, residual, M, H, s->eps, th);
-        linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th);
-        silu_mul_f32(gate_up, act, M, I, 2 * I, th);
+        if (s->fused_silu) {
+            linear_silu_f32(h, H, p[GATE_UP_W], act, I, M, I, H, th);
+        } else {
+            linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th);
+            silu_mul_f32(gate_up, act, M, I, 2 * I, th);
+        }
         linear_f32(act, I, p[DOWN_W], NULL, x, H, M, H, I, th);
         if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
     }

@@ -64,6 +64,9 @@ __attribute__((noinline)) static void silu_mul_row(const float *restrict g, cons
     for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
 }
 
+/* The same for linear_f32.c's fused gate_up epilogue, so both round alike. */
+void silu_mul_span(const float *g, const float *u, float *out, int64_t n) { silu_mul_row(g, u, out, n); }
+
 /* gate_up [T, 2I] (row stride row_stride; gate = first I columns, up = next I) -> out [T, I] = silu(gate) * up. */
 void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int64_t row_stride, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (T * I >= PARALLEL_MIN_ELEMS)

@@ -116,7 +116,31 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """gate_proj and up_proj in one matmul: local output = [gate shard | up shard]."""
+    """gate_proj and up_proj in one matmul: local output = [gate shard | up shard]. Where the panel GEMM is
+    preferred and the shard is a multiple of 16 wide, the weight is packed in (gate, up) panel pairs so that
+    `silu_and_mul` takes silu(gate) * up straight from the GEMM (linear_silu_f32)."""
+
+    gate_up_silu = False
+
+    def prepack(self) -> None:
+        w = self.weight
+        inter = w.shape[0] // 2
+        if (w.device.type == "cpu" and w.dtype == torch.float32 and inter % 16 == 0 and inter > 0
+                and len(self.shards) == 2 and native_linear.preferred()):
+            self.packed, self.packed_rows, self.gate_up_silu = native_linear.pack_gate_up(w.data), w.shape[0], True
+            self.weight.data = torch.empty(0, dtype=w.dtype)
+            return
+        super().prepack()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = super().matmul(x, bias)
+        return native_linear.gate_up_columns(out) if self.gate_up_silu else out
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up [.., I] from one fused GEMM when the weight is packed for it, else None."""
+        if not self.gate_up_silu:
+            return None
+        return native_linear.silu_linear(x, self.packed, self.packed_rows // 2)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

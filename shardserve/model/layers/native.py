@@ -31,6 +31,7 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "prefill_attention_f32": (None, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _F, ctypes.c_int]),
     "linear_f32_preferred": (ctypes.c_int, []),
     "linear_f32": (None, [_P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int]),
+    "linear_silu_f32": (None, [_P, _I, _P, _P] + [_I] * 4 + [ctypes.c_int]),
     "decoder_layers_f32": (_I, [_P, _I, _P, _P, _P, ctypes.c_int]),
     "rms_norm_f32": (None, [_P] * 5 + [_I] * 2 + [_F, ctypes.c_int]),
     "rotary_f32": (None, [_P] * 5 + [_I] * 4 + [ctypes.c_int]),

@@ -19,7 +19,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 class Step(ctypes.Structure):
     """Mirror of decoder_f32.c's Step."""
     _fields_ = ([(name, _I) for name in ("T", "H", "Hq", "Hk", "D", "I", "num_slots")]
-                + [("eps", _F), ("scale", _F), ("threads", _I)]
+                + [("eps", _F), ("scale", _F), ("threads", _I), ("fused_silu", _I)]
                 + [(name, _P) for name in ("positions", "slot_mapping", "cos", "sin")]
                 + [("num_decode", _I), ("decode_width", _I), ("decode_slots", _P), ("decode_lens", _P)]
                 + [("num_segs", _I), ("segs", _P), ("seg_slots", _P)]
@@ -39,6 +39,7 @@ class NativeDecoder:
         self.intermediate = first.mlp.down_proj.in_features
         self.eps, self.scale = first.input_layernorm.eps, attn.scale
         self.rotary = first.self_attn.rotary
+        self.fused_silu = first.mlp.gate_up_proj.gate_up_silu
         # The weights' addresses, per layer: in/post norm, qkv weight and bias, o, gate_up, down (caches later).
         self.weight_ptrs = [[layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                              layer.self_attn.qkv_proj.packed.data_ptr(), _ptr(layer.self_attn.qkv_proj.bias),
@@ -55,6 +56,7 @@ class NativeDecoder:
         linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         return (all(m.packed_rows and m.packed.dtype == torch.float32 for m in linears)
+                and len({layer.mlp.gate_up_proj.gate_up_silu for layer in layers}) == 1
                 and all(m.bias is None for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                                                       layer.mlp.down_proj))
                 and first.input_layernorm.weight.dtype == torch.float32
@@ -82,7 +84,7 @@ class NativeDecoder:
         keep = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]      # alive through the call
         step = Step(T=t, H=self.hidden, Hq=self.heads, Hk=self.kv_heads, D=hd, I=inter,
                     num_slots=self.layers[0].self_attn.attn.k_cache.shape[0], eps=self.eps, scale=self.scale,
-                    threads=_threads(), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
+                    threads=_threads(), fused_silu=int(self.fused_silu), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
                     cos=self.rotary.cos.data_ptr(), sin=self.rotary.sin.data_ptr(),
                     **{name: buf.data_ptr() for name, buf in scratch.items()})
         if batch.num_decode:
