@@ -123,6 +123,10 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
         }
         linear_f32(act, I, p[DOWN_W], NULL, x, H, M, H, I, th);
         if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
+        /* Streams start each layer together, so the second to read a weight mostly finds it in L3 (a layer's
+         * weights are 14 MB at SmolLM2): without this each stream streams every weight from DRAM on its own.
+         * Measured over three alternated pairs of full runs: 352.6 vs 349.1 tok/s, inside the noise. */
+#pragma omp barrier
     }
     return bad;
 }
