@@ -5,8 +5,9 @@
 Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the cache as after churn) for the
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
 for a 2048-token step of 16 prompts (one C call vs stacked bmm per prompt); SiLU*mul; the KV-cache write; the
-greedy argmax. Each cell is
-the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both alike.
+greedy argmax; the linears (panel GEMM with SiLU*up fused vs oneDNN's prepacked GEMM plus the SiLU*mul
+kernel). Each cell is the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so
+drift hits both alike.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
-from shardserve.model.layers import fused_ops, native  # noqa: E402
+from shardserve.model.layers import fused_ops, native, native_linear  # noqa: E402
 from shardserve.model.layers.attention import PagedAttention  # noqa: E402
 from shardserve.worker.malloc_tuning import keep_freed_memory  # noqa: E402
 
@@ -62,6 +63,31 @@ def prefill_case(prompts: int = 16, n: int = 128):
     return lambda: a(q, k, v, fb)
 
 
+def linear_case(rows: int, layers: int = 30):
+    """The four linears of `layers` decoder layers at SmolLM2 shapes (weights cold, as in a step): panel GEMM
+    (SiLU*up fused into gate_up) against oneDNN's prepacked GEMM and the SiLU*mul kernel after it."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]          # qkv, o, gate_up, down: [N, K]
+    weights = [[torch.randn(n, k, generator=gen) * 0.05 for n, k in shapes] for _ in range(layers)]
+    panels = [[native_linear.pack(w[0]), native_linear.pack(w[1]), native_linear.pack_gate_up(w[2]),
+               native_linear.pack(w[3])] for w in weights]
+    onednn = [[torch.ops.mkldnn._reorder_linear_weight(x, None) for x in w] for w in weights]
+    x576, x1536 = torch.randn(rows, 576, generator=gen), torch.randn(rows, 1536, generator=gen)
+
+    def run():
+        if os.environ.get("SHARDSERVE_CPU_KERNELS") != "torch":
+            for qkv, o, gate_up, down in panels:
+                native_linear.linear(x576, qkv, None, 960), native_linear.linear(x576, o, None, 576)
+                native_linear.silu_linear(x576, gate_up, 1536), native_linear.linear(x1536, down, None, 576)
+            return
+        for qkv, o, gate_up, down in onednn:
+            for x, w in ((x576, qkv), (x576, o), (x1536, down)):
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            with kernel_path("native"):
+                fused_ops.silu_and_mul(torch.ops.mkldnn._linear_pointwise(x576, gate_up, None, "none", [], ""))
+    return run
+
+
 def silu_case(rows: int = 64):
     gate_up = torch.randn(rows, 3072)
     return lambda: fused_ops.silu_and_mul(gate_up) if native.applies(gate_up) else \
@@ -90,11 +116,15 @@ def argmax_case(rows: int = 64, vocab: int = 49152):
 def kernel_path(path: str):
     """Run the block on shardserve's kernels ("native") or on the torch ops they replace ("torch": the C kernels
     off; prefill then takes its stacked batched matmuls per chunk)."""
+    before = os.environ.get("SHARDSERVE_CPU_KERNELS")
     os.environ["SHARDSERVE_CPU_KERNELS"] = path
     try:
         yield
     finally:
-        os.environ.pop("SHARDSERVE_CPU_KERNELS")
+        if before is None:
+            os.environ.pop("SHARDSERVE_CPU_KERNELS")
+        else:
+            os.environ["SHARDSERVE_CPU_KERNELS"] = before
 
 
 def timed(fn, reps: int) -> float:
@@ -118,6 +148,9 @@ def main() -> None:
         ("decode attention 6/2 heads (tp=2 rank 0)", 1, "ms/layer", decode_case(6, 2), 2, 30),
         ("decode attention 3/1 heads (tp=2 rank 1)", 1, "ms/layer", decode_case(3, 1), 2, 30),
         ("prefill attention, 16 x 128-token prompts", min(2, cores), "ms", prefill_case(), 10, 1),
+        ("linears of 30 layers, 64 rows (panel GEMM vs oneDNN)", min(2, cores), "ms", linear_case(64), 3, 1),
+        ("linears of 30 layers, 32 rows, one thread (a row stream)", 1, "ms", linear_case(32), 3, 1),
+        ("linears of 1 layer, 2048 rows (a prefill step)", min(2, cores), "ms", linear_case(2048, 1), 3, 1),
         ("SiLU*mul [64, 3072]", min(2, cores), "us", silu_case(), 200, 1),
         ("KV write, 64 rows", min(2, cores), "us", kv_write_case(), 500, 1),
         ("greedy argmax [64, 49152]", min(2, cores), "us", argmax_case(), 50, 1),

@@ -162,7 +162,7 @@ def test_driver_kill_takes_workers_down(llama_gqa, tmp_path):
 
 
 def _stream(url: str, body: dict, seen: dict, key: int) -> None:
-    lines = []
+    lines = seen.setdefault(key, [])                     # visible while it streams
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             seen.setdefault("status", []).append(r.status_code)
@@ -184,9 +184,10 @@ def _start_streams(url: str, n: int, max_tokens: int) -> tuple[list[threading.Th
     return threads, seen
 
 
-def _wait_streaming(seen: dict, srv: ServerProcess, timeout: float = 60) -> None:
-    assert wait_until(lambda: len(seen.get("status", [])) > 0, timeout, 0.1), "no stream started"
-    time.sleep(0.5)                                      # some tokens are out on the wire
+def _wait_streaming(seen: dict, n: int, timeout: float = 60) -> None:
+    """Until each of the n streams has a token on the wire (a 200-token stream of the tiny model lasts well
+    under a second, so no fixed sleep: the fault must land mid-stream)."""
+    assert wait_until(lambda: all(len(seen.get(i, [])) >= 1 for i in range(n)), timeout, 0.005), "no stream started"
 
 
 @pytest.mark.timeout(150)
@@ -196,7 +197,7 @@ def test_sigterm_while_streaming_exits_clean(llama_gqa):
     try:
         assert launch, "cannot find the server's launch id in its memory maps"
         threads, seen = _start_streams(srv.url, 6, 120)
-        _wait_streaming(seen, srv)
+        _wait_streaming(seen, 6)
         t0 = time.monotonic()
         code = srv.terminate(timeout=60)
         took = time.monotonic() - t0
@@ -228,7 +229,7 @@ def test_worker_killed_under_server(llama_gqa):
 
         nb = threading.Thread(target=non_streaming, daemon=True)
         nb.start()
-        _wait_streaming(seen, srv)
+        _wait_streaming(seen, 4)
         os.kill(workers[1], signal.SIGKILL)
         t0 = time.monotonic()
         for t in (*threads, nb):
