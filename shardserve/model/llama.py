@@ -93,7 +93,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(spec, ctx, rotary, dtype) if self.start_layer <= i < self.end_layer
             else PPMissingLayer() for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if self.last_stage else PPMissingLayer()
-        self.tp_size = ctx.tp.size
+        self.tp = ctx.tp
         self.native: NativeDecoder | None | bool = False      # False: not decided yet (weights are packed later)
 
     def forward(self, batch: ForwardBatch, intermediate: dict[str, torch.Tensor] | None):
@@ -107,7 +107,7 @@ class LlamaModel(nn.Module):
             x, residual = intermediate["hidden_states"], intermediate["residual"]
         layers = list(self.layers[self.start_layer:self.end_layer])
         if self.native is False:
-            self.native = NativeDecoder(layers) if NativeDecoder.supports(layers, self.tp_size) else None
+            self.native = NativeDecoder(layers, self.tp) if NativeDecoder.supports(layers) else None
         if self.native is not None and self.native.applies(x):
             x, residual = self.native.run(x, residual, batch, sampled_only=self.last_stage)
         else:

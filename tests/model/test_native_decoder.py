@@ -81,3 +81,44 @@ def test_last_layer_skips_rows_nobody_samples(llama_gqa, monkeypatch):
         others = [r for r in range(a.shape[0]) if r not in rows]
         skipped += sum(not torch.equal(a[r], b[r]) for r in others)
     assert skipped > 0
+
+
+class _FakeGroup:
+    size = 2
+
+
+def test_tp_all_reduce_callback_plumbing(llama_gqa, monkeypatch):
+    """Under TP the C decoder calls back for two all-reduces per layer, on x's rows; a sum that returns a new
+    tensor is copied back. With an all-reduce that changes nothing the outputs equal the plain run's."""
+    plain, _ = _generate(llama_gqa, True, monkeypatch)
+    calls = []
+    real_init = NativeDecoder.__init__
+    monkeypatch.setattr(NativeDecoder, "__init__", lambda self, layers, tp=None: real_init(self, layers, _FakeGroup()))
+    monkeypatch.setattr(native_decoder, "all_reduce", lambda t, group: calls.append(tuple(t.shape)) or t.clone())
+    with_callback, runs = _generate(llama_gqa, True, monkeypatch)
+    assert with_callback == plain
+    layers = 5                                               # llama_gqa
+    assert runs > 0 and len(calls) == 2 * layers * runs
+    assert all(cols == 64 for _, cols in calls)              # hidden size
+
+
+def test_all_reduce_failure_is_kept_for_run():
+    x = torch.zeros(4, 8)
+    errors: list = []
+
+    def broken(t, group):
+        raise RuntimeError("rank 1 exited")
+
+    real = native_decoder.all_reduce
+    native_decoder.all_reduce = broken
+    try:
+        assert native_decoder._all_reduce_rows(x, x.data_ptr() + 8 * 4, 2, 8, _FakeGroup(), errors) == 1
+    finally:
+        native_decoder.all_reduce = real
+    assert len(errors) == 1 and "rank 1 exited" in str(errors[0])
+    native_decoder.all_reduce = lambda t, group: t + 1       # a new tensor: copied into rows 1-2 only
+    try:
+        assert native_decoder._all_reduce_rows(x, x.data_ptr() + 8 * 4, 2, 8, _FakeGroup(), errors) == 0
+    finally:
+        native_decoder.all_reduce = real
+    assert x[1:3].eq(1).all() and x[0].eq(0).all() and x[3].eq(0).all()

@@ -1,4 +1,4 @@
-/* A range of Llama-family decoder layers for one step in one call (float32, CPU, one TP rank): the same C
+/* A range of Llama-family decoder layers for one step in one call (float32, CPU, one rank): the same C
  * kernels in the same order as the per-op path in llama.py, so the same values bit for bit, without a return
  * to Python between ops (~15 ms of a ~130 ms batch-64 decode step there). Built by native.py.
  *
@@ -6,7 +6,8 @@
  *          linear_f32, qkv bias may be 0 (NULL)
  * x        [T, H]  in: the stage's input hidden states; out: the last layer's output
  * residual [T, H]  in (has_residual): the residual stream; out: the residual after the last layer
- * Step     shapes, positions, KV slots, attention metadata and scratch buffers (see native_decoder.py)
+ * Step     shapes, positions, KV slots, attention metadata and scratch buffers (see native_decoder.py); with
+ *          TP > 1, the callback that all-reduces x after o_proj and down_proj (row-parallel, no bias)
  */
 #include <stdint.h>
 #include <string.h>
@@ -42,6 +43,7 @@ typedef struct {
     const int64_t *decode_slots, *decode_lens;    /* [B, L], [B] */
     int64_t num_segs;                             /* prefill chunks (prefill_attention_f32's segs / slots) */
     const int64_t *segs, *seg_slots;
+    int (*all_reduce)(float *x, int64_t rows, int64_t cols);  /* TP > 1: sums x over the group, 0 on success */
     int64_t skip_unsampled, num_keep;             /* 1: the last layer finishes only rows keep[0 .. num_keep) */
     const int64_t *keep, *keep_segs;              /* ascending rows; segs cut to those rows (sampled_row_segs) */
     float *h, *qkv, *q, *k, *attn, *gate_up, *act;    /* scratch: [T, H], [T, Nqkv], [T, Hq D], [T, Hk D],
@@ -49,7 +51,8 @@ typedef struct {
 } Step;
 
 /* Layers over rows [r0, r1) of the step, which hold decode rows [d0, d1) and prefill chunks [c0, c1), on
- * `th` threads per kernel. Returns the number of KV slots outside the cache (their writes are skipped). */
+ * `th` threads per kernel. Returns the number of KV slots outside the cache (their writes are skipped), or -1
+ * when a TP all-reduce failed (the layers stop there). */
 /* Moves the kept rows of [r0, r1) (keep[*k0 .. *k1)) to the front of attn and residual; returns how many. */
 static int64_t gather_kept(const Step *s, int64_t r0, int64_t r1, float *attn, float *residual, int64_t nq,
                            int64_t H, int64_t *k0, int64_t *k1) {
@@ -114,6 +117,7 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
         int64_t M = T, k0 = 0, k1 = 0;
         if (skip) M = gather_kept(s, r0, r1, attn, residual, nq, H, &k0, &k1);
         linear_f32(attn, nq, p[O_W], NULL, x, H, M, H, nq, th);
+        if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
         rms_norm_f32(x, residual, p[POST_NORM], h, residual, M, H, s->eps, th);
         if (s->fused_silu) {
             linear_silu_f32(h, H, p[GATE_UP_W], act, I, M, I, H, th);
@@ -122,6 +126,7 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
             silu_mul_f32(gate_up, act, M, I, 2 * I, th);
         }
         linear_f32(act, I, p[DOWN_W], NULL, x, H, M, H, I, th);
+        if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
         if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
         /* Streams start each layer together, so the second to read a weight mostly finds it in L3 (a layer's
          * weights are 14 MB at SmolLM2): without this each stream streams every weight from DRAM on its own.
@@ -142,11 +147,13 @@ static int64_t unit_row(const Step *s, int64_t u) {
  * own, single-threaded kernels and no barrier between them: while one thread's attention waits on memory the
  * other's GEMMs keep the FMA units busy, and the per-kernel fork/join is gone. Rows do not interact inside a
  * layer, so the values are those of one pass over all rows. Fewer units (a batch-1 decode step): one pass,
- * every kernel on all threads. Returns the number of KV slots outside the cache (the caller raises). */
+ * every kernel on all threads. Under TP (all_reduce set) always one pass: the ranks' collectives must pair up.
+ * Returns the number of KV slots outside the cache (the caller raises), or -1 when an all-reduce failed. */
 int64_t decoder_layers_f32(const int64_t *layers, int64_t n_layers, const Step *s, float *x, float *residual,
                            int has_residual) {
     const int64_t units = s->num_decode + s->num_segs;
-    const int streams = (int)(units < s->threads ? 1 : s->threads);
+    /* one stream under TP: every rank must call the group's all-reduces in the same order */
+    const int streams = (int)(units < s->threads || s->all_reduce ? 1 : s->threads);
     if (streams == 1)
         return run_rows(layers, n_layers, s, x, residual, has_residual, 0, s->T, 0, s->num_decode, 0, s->num_segs,
                         (int)s->threads);

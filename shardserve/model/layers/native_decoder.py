@@ -1,8 +1,8 @@
-"""A stage's Llama decoder layers in one C call per step (decoder_f32.c) when this rank holds whole layers.
+"""A stage's Llama decoder layers in one C call per step (decoder_f32.c).
 
-Applies to float32 on the CPU with one TP rank (no all-reduce inside a layer), panel-packed linears
-(native_linear) and a head size the attention kernels take; otherwise llama.py runs its per-op path, which
-computes the same values with the same kernels.
+Applies to float32 on the CPU with panel-packed linears (native_linear) and a head size the attention kernels
+take; under TP the C code calls back into Python for the two all-reduces of each layer. Otherwise llama.py runs
+its per-op path, which computes the same values with the same kernels.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import ctypes
 
 import torch
 
+from shardserve.distributed.comm import all_reduce
+from shardserve.distributed.parallel_state import ParallelGroup
 from shardserve.model.forward_batch import ForwardBatch
 from shardserve.model.layers import native
 
@@ -23,6 +25,7 @@ class Step(ctypes.Structure):
                 + [(name, _P) for name in ("positions", "slot_mapping", "cos", "sin")]
                 + [("num_decode", _I), ("decode_width", _I), ("decode_slots", _P), ("decode_lens", _P)]
                 + [("num_segs", _I), ("segs", _P), ("seg_slots", _P)]
+                + [("all_reduce", _P)]
                 + [("skip_unsampled", _I), ("num_keep", _I), ("keep", _P), ("keep_segs", _P)]
                 + [(name, _P) for name in ("h", "qkv", "q", "k", "attn", "gate_up", "act")])
 
@@ -30,8 +33,8 @@ class Step(ctypes.Structure):
 class NativeDecoder:
     """Runs `layers` (LlamaDecoderLayer, all on this rank) through decoder_f32.c."""
 
-    def __init__(self, layers: list):
-        self.layers = layers
+    def __init__(self, layers: list, tp: ParallelGroup | None = None):
+        self.layers, self.tp = layers, tp
         first = layers[0]
         attn = first.self_attn.attn
         self.hidden = first.input_layernorm.weight.shape[0]
@@ -47,9 +50,10 @@ class NativeDecoder:
                              layer.mlp.down_proj.packed.data_ptr()] for layer in layers]
 
     @staticmethod
-    def supports(layers: list, tp_size: int) -> bool:
-        """Whole layers on this rank, float32 panel-packed linears, no o_proj/MLP bias, heads the kernels take."""
-        if tp_size != 1 or not layers or not native.available():
+    def supports(layers: list) -> bool:
+        """Float32 panel-packed linears, no o_proj/MLP bias (TP adds it after the all-reduce), heads the kernels
+        take."""
+        if not layers or not native.available():
             return False
         first = layers[0]
         attn = first.self_attn.attn
@@ -102,11 +106,37 @@ class NativeDecoder:
             step.skip_unsampled, step.num_keep, step.keep = 1, kept.shape[0], kept.data_ptr()
             if batch.prefills:
                 step.keep_segs = batch.sampled_row_segs.data_ptr()
+        errors: list[BaseException] = []
+        callback = None
+        if self.tp is not None and self.tp.size > 1:
+            callback = _ALL_REDUCE(lambda ptr, rows, cols: _all_reduce_rows(x, ptr, rows, cols, self.tp, errors))
+            step.all_reduce = ctypes.cast(callback, _P)
         bad = native.lib().decoder_layers_f32(table.data_ptr(), len(self.layers), ctypes.byref(step), x.data_ptr(),
                                               residual.data_ptr(), int(has_residual))
+        if errors:
+            raise errors[0]
         if bad:
             raise IndexError(f"KV write: {bad} slot(s) outside the cache's {step.num_slots} slots")
         return x, residual
+
+
+_ALL_REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
+def _all_reduce_rows(x: torch.Tensor, ptr: int, rows: int, cols: int, group: ParallelGroup,
+                     errors: list[BaseException]) -> int:
+    """The C decoder's all-reduce: rows x cols floats of x starting at ptr, summed over the TP group in place.
+    Returns 0, or 1 with the exception kept for run() to raise (an exception cannot cross the C frames)."""
+    try:
+        start = (ptr - x.data_ptr()) // x.element_size()
+        view = x.view(-1)[start: start + rows * cols].view(rows, cols)
+        summed = all_reduce(view, group)
+        if summed.data_ptr() != view.data_ptr():
+            view.copy_(summed)
+        return 0
+    except BaseException as exc:                     # noqa: BLE001 - re-raised by run()
+        errors.append(exc)
+        return 1
 
 
 def _threads() -> int:
