@@ -25,6 +25,7 @@ import torch.distributed as dist
 SHM_SUPPORTED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _FLAG_STRIDE = 8  # int64 words between flags (64 bytes: one cache line each)
 _PID = 1  # word offset of the owner's pid within its cache line (0 = not checkable)
+_PID_NS = 2  # word offset of the owner's pid namespace (inode of /proc/self/ns/pid; 0 = unknown)
 _LIVENESS_EVERY_S = 0.05  # how often a long wait checks that the awaited peer still exists
 _SHM_DIR = "/dev/shm"
 # 4 MiB: larger tensors go in chunks (measured no slower than 16 MiB slots up to 16 MiB tensors), and
@@ -111,6 +112,7 @@ class ShmCommunicator:
                 os.close(fd)
         self._flags = memoryview(self._mmap).cast("B")[:flags_bytes].cast("q")  # int64 words
         self._flags[rank * _FLAG_STRIDE + _PID] = os.getpid()
+        self._flags[rank * _FLAG_STRIDE + _PID_NS] = _pid_namespace()
         try:
             # Everyone attached -> rank 0 removes the name; the mappings stay valid.
             store.add(f"{key}/attached", 1)
@@ -122,9 +124,14 @@ class ShmCommunicator:
         finally:
             if rank == 0:
                 _unlink_quiet(self.path)
-        # Peer pids we can check (0 when the peer lives in another pid namespace: no liveness check).
-        self._peer_pid = [int(self._flags[j * _FLAG_STRIDE + _PID]) for j in range(world_size)]
-        self._peer_pid = [pid if _pid_alive(pid) else 0 for pid in self._peer_pid]
+        # Peer pids we can check: those in our pid namespace (0 otherwise: no liveness check). A peer that
+        # already exited keeps its pid here, so the first wait on it fails fast instead of timing out.
+        own_ns, pids = _pid_namespace(), [int(self._flags[j * _FLAG_STRIDE + _PID]) for j in range(world_size)]
+        if own_ns:
+            self._peer_pid = [pid if int(self._flags[j * _FLAG_STRIDE + _PID_NS]) == own_ns else 0
+                              for j, pid in enumerate(pids)]
+        else:                                   # no /proc: a pid that does not answer is taken as foreign
+            self._peer_pid = [pid if _pid_alive(pid) else 0 for pid in pids]
 
         buf = torch.frombuffer(self._mmap, dtype=torch.uint8)  # [total] bytes, aliases the segment
         # slots[h][r]: [slot_bytes] uint8 view of rank r's slot in half h
@@ -270,6 +277,14 @@ class ShmCommunicator:
             self.close()
         except Exception:
             pass
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), 0 where that is unavailable."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:

@@ -181,3 +181,41 @@ def test_segment_creation_failure_is_raised_on_every_member(monkeypatch):
     for t in threads:
         t.join(timeout=20)
     assert raised == {r: "ShmUnavailable" for r in range(3)}
+
+
+@pytest.mark.timeout(60)
+def test_peer_gone_right_after_attach_is_still_watched(monkeypatch):
+    """A peer that exits between attaching and rank 0 reading the members' pids must still be watched, so the
+    first collective fails fast (it used to be taken for a process in another pid namespace, and the wait ran to
+    the timeout). Threads as ranks; rank 1 publishes the pid of a process that has already exited."""
+    import subprocess
+    import threading
+
+    import torch.distributed as dist
+
+    from shardserve.distributed import shm_comm
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    real_getpid = os.getpid
+    monkeypatch.setattr(shm_comm.os, "getpid",
+                        lambda: gone.pid if threading.current_thread().name == "rank1" else real_getpid())
+    store, comms = dist.HashStore(), {}
+
+    def member(rank: int) -> None:
+        comms[rank] = shm_comm.ShmCommunicator(rank, 2, store, "gone", slot_bytes=1024, timeout_s=20)
+
+    threads = [threading.Thread(target=member, args=(r,), name=f"rank{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert set(comms) == {0, 1}
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            comms[0].all_reduce(torch.ones(16))
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for c in comms.values():
+            c.close()
