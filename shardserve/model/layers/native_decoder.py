@@ -84,16 +84,17 @@ class NativeDecoder:
                               for ptrs, layer in zip(self.weight_ptrs, self.layers)], dtype=torch.int64)
         scratch = {name: torch.empty(t, width) for name, width in
                    (("h", self.hidden), ("qkv", nq + 2 * nkv), ("q", nq), ("k", nkv), ("attn", nq),
-                    ("gate_up", 2 * inter), ("act", inter))}
-        keep = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]      # alive through the call
+                    ("gate_up", 0 if self.fused_silu else 2 * inter), ("act", inter))}   # fused: never written
+        alive = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]     # held through the call
         step = Step(T=t, H=self.hidden, Hq=self.heads, Hk=self.kv_heads, D=hd, I=inter,
                     num_slots=self.layers[0].self_attn.attn.k_cache.shape[0], eps=self.eps, scale=self.scale,
-                    threads=_threads(), fused_silu=int(self.fused_silu), positions=keep[0].data_ptr(), slot_mapping=keep[1].data_ptr(),
+                    threads=_threads(), fused_silu=int(self.fused_silu), positions=alive[0].data_ptr(),
+                    slot_mapping=alive[1].data_ptr(),
                     cos=self.rotary.cos.data_ptr(), sin=self.rotary.sin.data_ptr(),
                     **{name: buf.data_ptr() for name, buf in scratch.items()})
         if batch.num_decode:
             slots, lens = batch.decode_slots.contiguous(), batch.decode_lens.contiguous()
-            keep += [slots, lens]
+            alive += [slots, lens]
             step.num_decode, step.decode_width = batch.num_decode, slots.shape[1]
             step.decode_slots, step.decode_lens = slots.data_ptr(), lens.data_ptr()
         if batch.prefills:
@@ -102,7 +103,7 @@ class NativeDecoder:
         if sampled_only:
             kept = batch.logits_indices
             kept = torch.zeros(0, dtype=torch.int64) if kept is None else kept.contiguous()   # ascending rows
-            keep += [kept]
+            alive += [kept]
             step.skip_unsampled, step.num_keep, step.keep = 1, kept.shape[0], kept.data_ptr()
             if batch.prefills:
                 step.keep_segs = batch.sampled_row_segs.data_ptr()
