@@ -138,7 +138,9 @@ async def drive(url: str, plan: list[dict]) -> tuple[list[dict], list[float]]:
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(plan)):
         queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    # Idle pooled connections are dropped after 2 s, before uvicorn's 5 s keep-alive closes them: with both at 5 s
+    # a request sent on a connection the server is closing that instant fails with ReadError (seen once in 1000).
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         async def client_task():
             while True:
