@@ -1,9 +1,15 @@
-/* Vectorizable float32 math shared by the C kernels (included by paged_decode.c and fused_ops.c). */
+/* Vector types and vectorizable float32 math shared by the C kernels. */
 #ifndef SHARDSERVE_CPU_MATH_H
 #define SHARDSERVE_CPU_MATH_H
 
 #include <stdint.h>
 #include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));                   /* 16 floats: one AVX-512 register */
+typedef float v16u __attribute__((vector_size(64), aligned(4)));      /* the same, for unaligned access */
+
+static inline v16 load16(const float *p) { return *(const v16u *)p; }
+static inline void store16(float *p, v16 x) { *(v16u *)p = x; }
 
 /* exp(x), Cephes-style 2^n * p(r) with x clamped to [-87, 88]: |rel err| < 2e-7, vectorizes under omp simd. */
 static inline float exp_clamped(float x) {

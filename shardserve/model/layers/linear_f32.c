@@ -18,8 +18,7 @@
 #include <string.h>
 #include <omp.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned access */
+#include "cpu_math.h"
 
 #define MC 256          /* rows per chunk */
 

@@ -23,9 +23,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x [..., K] float32 -> x W^T (+ bias) [..., n] for W packed by `pack`."""
     k = packed.shape[1]
-    rows = x.reshape(-1, k)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, k)
     if not native.applies(rows, packed):              # kernels switched off after packing: same product in torch
         out = rows @ packed.transpose(0, 1).reshape(k, -1)[:, :n]
         return (out if bias is None else out + bias).reshape(*x.shape[:-1], n)
@@ -52,9 +50,7 @@ def gate_up_columns(interleaved: torch.Tensor) -> torch.Tensor:
 def silu_linear(x: torch.Tensor, packed: torch.Tensor, inter: int) -> torch.Tensor:
     """x [..., K] float32 -> silu(x Wg^T) * (x Wu^T) [..., inter] for a gate_up weight packed by pack_gate_up."""
     k = packed.shape[1]
-    rows = x.reshape(-1, k)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, k)
     if not native.applies(rows, packed):              # kernels switched off after packing: the same in torch
         gate, up = gate_up_columns(linear(rows, packed, None, 2 * inter)).split(inter, dim=-1)
         return (torch.nn.functional.silu(gate) * up).reshape(*x.shape[:-1], inter)
@@ -62,3 +58,9 @@ def silu_linear(x: torch.Tensor, packed: torch.Tensor, inter: int) -> torch.Tens
     native.lib().linear_silu_f32(rows.data_ptr(), rows.stride(0), packed.data_ptr(), out.data_ptr(), inter,
                                  rows.shape[0], inter, k, torch.get_num_threads())
     return out.reshape(*x.shape[:-1], inter)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as [M, K] with unit column stride (a view when it already has one)."""
+    rows = x.reshape(-1, k)
+    return rows if rows.stride(1) == 1 else rows.contiguous()

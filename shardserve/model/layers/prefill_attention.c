@@ -27,12 +27,6 @@
 
 #include "cpu_math.h"
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned access */
-
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
-static inline void store16(float *p, v16 x) { *(v16u *)p = x; }
-
 #define QBLOCK 32       /* queries per work item */
 #define ROWS 8          /* score rows per register tile: 8 accumulators, one K tile load each */
 #define PV_ROWS 4       /* output rows per P.V pass: 4 rows x up to 4 vectors = 16 accumulators */
