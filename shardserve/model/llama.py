@@ -141,6 +141,10 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return None if logits is None else logits.float()
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> [S] int64 argmax of compute_logits' rows, without gathering them; tp_rank 0, else None."""
+        return self.lm_head.greedy(hidden)
+
     def checkpoint_aliases(self) -> dict[str, str]:
         """Checkpoint names that feed an extra parameter: tied embeddings load the LM head too."""
         if self.spec.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead):

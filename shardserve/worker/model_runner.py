@@ -14,7 +14,7 @@ from torch import nn
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.model.forward_batch import ForwardBatch, SeqChunk, build_forward_batch
 from shardserve.model.layers.attention import PagedAttention
-from shardserve.model.layers.sampler import SampleRequest, sample
+from shardserve.model.layers.sampler import SampleRequest, argmax_suffices, sample
 from shardserve.sampling_params import SamplingParams
 
 
@@ -77,12 +77,18 @@ class ModelRunner:
         result = ModelRunnerOutput(step_id=sched.step_id)
         if not sample_ids:
             return result
-        logits = self.model.compute_logits(out[batch.logits_indices])      # [S, vocab] on tp_rank 0 only
+        states = [self.requests[i] for i in sample_ids]
+        reqs = [SampleRequest(s.params, s.seed, s.prompt_token_ids, s.output_token_ids) for s in states]
+        hidden = out[batch.logits_indices]
+        if all(argmax_suffices(r) for r in reqs):                   # every rank decides alike: same requests
+            tokens = self.model.greedy_tokens(hidden)                 # [S] on tp_rank 0 only
+            if sample_here and tokens is not None:
+                result.sampled_token_ids.update(zip(sample_ids, tokens.tolist()))
+            return result
+        logits = self.model.compute_logits(hidden)                    # [S, vocab] on tp_rank 0 only
         if not sample_here or logits is None:
             return result
-        reqs = [self.requests[i] for i in sample_ids]
-        sampled = sample(logits, [SampleRequest(r.params, r.seed, r.prompt_token_ids, r.output_token_ids)
-                                  for r in reqs], self.eos_token_ids)
+        sampled = sample(logits, reqs, self.eos_token_ids)
         for req_id, token, lp in zip(sample_ids, sampled.token_ids, sampled.logprobs):
             result.sampled_token_ids[req_id] = token
             if lp is not None:

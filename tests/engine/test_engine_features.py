@@ -56,6 +56,19 @@ def test_prefix_reuse_allocates_shared_blocks_once(llm):
         cold.shutdown()
 
 
+def test_greedy_without_logits_equals_greedy_with_them(llm):
+    """A plain greedy batch takes the LM head's argmax path (the bf16 screen where the CPU has AVX512-BF16); a
+    request asking for logprobs puts its batch on the full-logits path: the tokens agree."""
+    from shardserve.model.layers import greedy_head
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = token_ids(gen(llm, PROMPTS, params))
+    head = llm.engine.executor.worker.runner.model.lm_head
+    assert (head.screen is not None) == greedy_head.supported()      # built by the greedy batch where supported
+    with_logits = gen(llm, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1))
+    assert token_ids(with_logits) == plain
+    assert all(o.outputs[0].logprobs for o in with_logits)
+
+
 def test_seeded_sampling_is_reproducible(llm):
     params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
     a = token_ids(gen(llm, PROMPTS, params))

@@ -63,6 +63,14 @@ def vocab_embed_and_head(ctx, ids, emb, hidden):
     return e(ids), head(hidden)
 
 
+def lm_head_logits_and_greedy(ctx, emb, hidden):
+    from shardserve.model.layers.embedding import ParallelLMHead
+    head = ParallelLMHead(emb.shape[0], emb.shape[1], ctx.tp)
+    head.weight.weight_loader(head.weight, emb)
+    head.prepack()
+    return head(hidden), head.greedy(hidden)
+
+
 def reference_attention(x, wq, wk, wv, bq, bk, bv, wo, heads, kv_heads):
     t = x.shape[0]
     q = (x @ wq.T + bq).view(t, heads, HEAD_DIM).transpose(0, 1)
@@ -122,3 +130,21 @@ def test_vocab_embedding_and_lm_head_with_padding(world):
             continue
         assert logits.shape == (4, vocab)                   # padding trimmed: never sampled
         torch.testing.assert_close(logits, hidden @ emb.T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world, vocab", [(2, 1003), (4, 1003), (4, 9)])
+def test_lm_head_greedy_is_the_argmax_of_the_gathered_logits(world, vocab):
+    """Each rank's winner, gathered: equals argmax over all logits, ties to the first row even across shards
+    (rows 3 and vocab - 2 are equal and the largest for hidden row 0), NaN rows as torch.argmax has them.
+    (4, 9): 3 rows per rank, so rank 3 owns no vocab at all."""
+    emb = _weights(3, vocab, HIDDEN)
+    emb[3] = emb[vocab - 2] = emb[3] * 4
+    hidden = _weights(4, 5, HIDDEN)
+    hidden[0] = emb[3]
+    hidden[4, 1] = float("nan")
+    results = run_ranks(lm_head_logits_and_greedy, world, emb, hidden)
+    logits, tokens = results[0]
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert tokens[0] == 3 and tokens[4] == 0
+    assert all(r == (None, None) for r in results[1:])

@@ -9,6 +9,7 @@ from torch import nn
 
 from shardserve.distributed.comm import all_reduce, gather_to_first
 from shardserve.distributed.parallel_state import ParallelGroup
+from shardserve.model.layers import fused_ops, greedy_head
 from shardserve.model.layers.linear import LinearBase, copy_into
 
 
@@ -52,6 +53,7 @@ class ParallelLMHead(LinearBase):
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
         self.tp, self.shard = tp, VocabShard(vocab_size, tp)
         super().__init__(hidden_size, self.shard.padded, False, dtype)
+        self.screen: greedy_head.GreedyScreen | None | bool = False     # False: not built yet (weights load later)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         self.shard.load(param, loaded)
@@ -61,3 +63,31 @@ class ParallelLMHead(LinearBase):
         logits = gather_to_first(self.matmul(hidden, None), self.tp, dim=-1)    # [N, padded * tp]
         # Shards are contiguous and only the tail carries padding, so the real vocab comes first.
         return None if logits is None else logits[:, : self.shard.vocab_size]
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[N, hidden] -> [N] int64 greedy tokens on tp_rank 0 (None elsewhere): argmax of forward()'s logits, the
+        first maximum (NaN counts as the maximum). Each rank finds its shard's winner and its logit; only those
+        [N, 2] travel, and the first rank holding the overall first maximum wins (shards are in vocab order)."""
+        values, indices = self._local_argmax(hidden)
+        pairs = torch.stack([values.double(), (indices + self.shard.start).double()], dim=-1)   # exact in float64
+        gathered = gather_to_first(pairs.unsqueeze(1), self.tp, dim=1)                          # [N, tp, 2]
+        if gathered is None:
+            return None
+        winner = gathered[..., 0].argmax(dim=1, keepdim=True)                                  # first max, NaN wins
+        return gathered[..., 1].gather(1, winner).squeeze(1).long()
+
+    def _local_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [N] of the first maximal logit over this rank's real vocab rows."""
+        if self.shard.size == 0:                       # a rank past the vocab's end (tiny vocab, large tp)
+            return (torch.full(hidden.shape[:1], -math.inf, device=hidden.device),
+                    torch.zeros(hidden.shape[:1], dtype=torch.int64, device=hidden.device))
+        if self.screen is False:
+            self.screen = (greedy_head.GreedyScreen(self.packed, self.shard.size)
+                           if self.packed_rows and greedy_head.supported() else None)
+        if self.screen is not None and greedy_head.applies(hidden, self.packed):
+            return self.screen.argmax(hidden)
+        logits = self.matmul(hidden, None)[:, : self.shard.size].float()
+        indices = fused_ops.argmax_rows(logits)
+        if indices is None:
+            indices = logits.argmax(dim=-1)
+        return logits.gather(1, indices.unsqueeze(1)).squeeze(1), indices

@@ -95,7 +95,7 @@ int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v
 
 /* Index of the first maximum of x[0:n], torch.argmax's answer: NaN counts as the maximum (its first one wins).
  * One vectorized pass finds the maximum and whether a NaN is present, a second finds where it first occurs. */
-__attribute__((noinline)) static int64_t argmax_row(const float *restrict x, int64_t n) {
+__attribute__((noinline)) int64_t argmax_row_f32(const float *restrict x, int64_t n) {   /* greedy_head.c uses it too */
     float m = x[0];
     int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
@@ -118,5 +118,5 @@ __attribute__((noinline)) static int64_t argmax_row(const float *restrict x, int
 /* x [T, V] (row stride row_stride) -> out [T]: argmax of each row. */
 void argmax_rows_f32(const float *x, int64_t row_stride, int64_t T, int64_t V, int64_t *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (T * V >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < T; t++) out[t] = argmax_row(x + t * row_stride, V);
+    for (int64_t t = 0; t < T; t++) out[t] = argmax_row_f32(x + t * row_stride, V);
 }
