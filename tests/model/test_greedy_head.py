@@ -90,19 +90,23 @@ def test_non_finite_rows_take_the_float32_path():
 
 
 @needs_bf16
-def test_bound_covers_the_worst_rounding():
-    """The bound factor is above the largest |screen - float32| / (||x|| ||w||) seen on adversarial inputs: values
-    just past a bf16 rounding midpoint, all products of one sign."""
+def test_the_bound_keeps_a_row_whose_bf16_logit_rounds_down(monkeypatch):
+    """Column 5's weights sit just above a bf16 rounding midpoint (round up), column 25's just below (round down),
+    so bf16 ranks 5 two logits ahead although 25 (another panel) is larger in float32. The bound keeps 25 a
+    candidate; a bound eight times smaller drops it and answers 5 (this test fails if the factor loses that much)."""
     hidden = 512
-    x = torch.full((1, hidden), 1.0 + 2.0 ** -8 - 2.0 ** -20)        # rounds down by almost half an ulp
-    weight = torch.full((16, hidden), 1.0 + 2.0 ** -8 - 2.0 ** -20)
-    packed = native_linear.pack(weight)
-    screen = greedy_head.GreedyScreen(packed, 16)
-    screen.argmax(x)
-    approx = screen._scratch["approx"][:16]
-    exact = _full(x, packed, 16)[0]
-    worst = float(((approx - exact).abs() / (x.norm() * weight[0].norm())).max())
-    assert 0.9 * 2 ** -7 < worst < greedy_head.bound_factor(hidden)     # nearly the 2u the bound allows
+    weight = torch.randn(40, hidden, generator=torch.Generator().manual_seed(6)) * 0.01
+    weight[5] = weight[25] = 1.0
+    weight[5, :256] = 1 + 2.0 ** -8 + 2.0 ** -20            # bf16: 1 + 2^-7
+    weight[25, :256] = 1 + 2.0 ** -8 - 2.0 ** -20           # bf16: 1
+    weight[25, 300] = 1 + 2.0 ** -7                          # exact in bf16: 25 wins in float32 by ~2^-7
+    x = torch.ones(1, hidden)
+    _, indices = greedy_head.GreedyScreen(native_linear.pack(weight), 40).argmax(x)
+    assert indices.tolist() == [25]
+    _check(x, weight)
+    monkeypatch.setattr(greedy_head, "bound_factor", lambda k: 2.0 ** -10)
+    _, indices = greedy_head.GreedyScreen(native_linear.pack(weight), 40).argmax(x)
+    assert indices.tolist() == [5]
 
 
 def test_argmax_suffices_only_for_plain_greedy():

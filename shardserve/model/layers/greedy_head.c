@@ -5,9 +5,10 @@
  * 2. A bound |a_v - f_v| <= eps_v, where f_v is the float32 logit linear_f32 computes: rounding x and w to bf16
  *    (relative 2^-8 each), the two float32 sums (K terms each) and denormals flushed, all below
  *    c * ||x|| * ||w_v|| + tiny (Cauchy-Schwarz; c and the weight norms `cw` come from greedy_head.py).
- * 3. L = max_v (a_v - eps_v) <= f of that v, so no v with a_v + eps_v < L can be the argmax. The rest (about two
- *    per row for SmolLM2) get f_v exactly: their 16-column panel recomputed with the very FMA sequence of
- *    linear_f32.c's tiles, so the values are bit-identical, and the first maximum wins as in torch.argmax.
+ * 3. L = max_v (a_v - eps_v) <= f of that v, so no v with a_v + eps_v < L can be the argmax. Each 16-column
+ *    panel keeps only max(a_v + eps_v) over its columns; the panels reaching L (about two per row for SmolLM2)
+ *    get every column's f_v exactly, recomputed with the very FMA sequence of linear_f32.c's tiles (bit-identical
+ *    values), and the first maximum among them wins, as in torch.argmax.
  * A row with a non-finite value anywhere takes the float32 panels for every column (same answer as argmax over
  * the full logits, NaN included).
  *
@@ -15,7 +16,8 @@
  * w   [P, K, 16] float32    the same columns in linear_f32's panels (native_linear.pack)
  * cw  [P * 16]              c * ||w_v|| (rounded up) + 2^-50
  * x   [M, K] row stride ldx; columns >= N (panel padding, other ranks' vocab) never win.
- * scratch: xb [M, K2] (x in bf16 pairs), nx [M], approx [min(M, MC), P * 16], lower [threads, MC], bad [M] bytes.
+ * scratch: xb [M, K2] (x in bf16 pairs), nx [M], upper [min(M, MC), P], lower [threads, MC], row [threads, P * 16],
+ *          bad [M] bytes.
  */
 #pragma GCC optimize("fp-contract=fast")   /* the exact recompute must fuse a * b + c as linear_f32.c does */
 
@@ -37,7 +39,7 @@ int greedy_head_supported(void) {
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
-#define MC 64           /* rows per chunk: approx holds MC rows of logits */
+#define MC 64           /* rows per chunk: upper holds MC rows' panel bounds */
 #define R 8             /* rows per register tile */
 #define GROUPP 3        /* panels per register tile */
 
@@ -58,12 +60,13 @@ static v16 exact_panel(const float *x, const float *w, int64_t K, int64_t p) {
     return acc;
 }
 
-/* Rows [m0, m0 + R) of the chunk starting at c0 (clamped to c1) x NP panels from p0: approximate logits into
- * approx, and each row's max over valid columns of a - eps into lower (this thread's); bad[m] set on a non-finite. */
+/* Rows [m0, m0 + R) of the chunk starting at c0 (clamped to c1) x NP panels from p0: per (row, panel) the max over
+ * valid columns of a + eps into upper, per row the max of a - eps into lower (this thread's); bad[m] on a non-finite.
+ * Prefetches `lines` 64-byte lines from `next` into L2, two per k. */
 #define TILE(NAME, NP)                                                                                            \
     static void NAME(const uint32_t *xb, int64_t K2, const uint16_t *wb, const float *cw, const float *nx,       \
-                     float *approx, int64_t lda, float *lower, unsigned char *bad, int64_t N, int64_t c0,        \
-                     int64_t c1, int64_t m0, int64_t p0) {                                                       \
+                     float *upper, int64_t P, float *lower, unsigned char *bad, int64_t N, int64_t c0,        \
+                     int64_t c1, int64_t m0, int64_t p0, const char *next, int64_t lines) {                      \
         const uint32_t *xr[R];                                                                                    \
         for (int r = 0; r < R; r++) xr[r] = xb + (m0 + r < c1 ? m0 + r : c1 - 1) * K2;                            \
         const uint16_t *wp = wb + p0 * K2 * 32;                                                                   \
@@ -71,6 +74,10 @@ static v16 exact_panel(const float *x, const float *w, int64_t K, int64_t p) {
         for (int r = 0; r < R; r++)                                                                               \
             for (int c = 0; c < NP; c++) acc[r][c] = _mm512_setzero_ps();                                         \
         for (int64_t k = 0; k < K2; k++) {                                                                        \
+            if (2 * k < lines) {                                                                                  \
+                __builtin_prefetch(next + k * 128, 0, 2);                                                         \
+                __builtin_prefetch(next + k * 128 + 64, 0, 2);                                                    \
+            }                                                                                                     \
             __m512bh b[NP];                                                                                       \
             for (int c = 0; c < NP; c++) b[c] = (__m512bh)_mm512_load_si512((const void *)(wp + (c * K2 + k) * 32)); \
             _Pragma("GCC unroll 8")                                                                               \
@@ -86,9 +93,9 @@ static v16 exact_panel(const float *x, const float *w, int64_t K, int64_t p) {
             for (int c = 0; c < NP; c++) {                                                                        \
                 const int64_t col = (p0 + c) * 16;                                                                \
                 const __mmask16 valid = col + 16 <= N ? 0xffff : (col >= N ? 0 : (__mmask16)((1u << (N - col)) - 1)); \
-                _mm512_storeu_ps(approx + (m0 + r - c0) * lda + col, acc[r][c]);                                  \
                 const __m512 eps = _mm512_mul_ps(n, _mm512_loadu_ps(cw + col));                                  \
                 lo = _mm512_mask_max_ps(lo, valid, lo, _mm512_sub_ps(acc[r][c], eps));                           \
+                upper[(m0 + r - c0) * P + p0 + c] = _mm512_mask_reduce_max_ps(valid, _mm512_add_ps(acc[r][c], eps)); \
                 finite &= _mm512_mask_cmp_ps_mask(valid, _mm512_abs_ps(acc[r][c]), _mm512_set1_ps(INFINITY),      \
                                                   _CMP_LT_OQ) | (__mmask16)~valid;                               \
             }                                                                                                     \
@@ -102,23 +109,18 @@ TILE(tile_8x3, 3)
 TILE(tile_8x2, 2)
 TILE(tile_8x1, 1)
 
-/* Row m's answer from its approximate logits `a` [P * 16] and bound L: exact logits of the panels holding a
- * candidate, first maximum among them. */
-static void screen_row(const float *x, const float *w, const float *cw, const float *a, float n, float L,
-                       int64_t N, int64_t P, int64_t K, float *value, int64_t *index) {
-    const __m512 nv = _mm512_set1_ps(n), Lv = _mm512_set1_ps(L);
+/* Row m's answer from its panels' upper bounds `up` [P] and its lower bound L: every valid column's exact logit in
+ * the panels reaching L, the first maximum among them. */
+static void screen_row(const float *x, const float *w, const float *up, float L, int64_t N, int64_t P, int64_t K,
+                       float *value, int64_t *index) {
     float best = -INFINITY;
     int64_t at = -1;
     for (int64_t p = 0; p < P; p++) {
-        const int64_t col = p * 16;
-        const __mmask16 valid = col + 16 <= N ? 0xffff : (col >= N ? 0 : (__mmask16)((1u << (N - col)) - 1));
-        const __m512 hi = _mm512_fmadd_ps(nv, _mm512_loadu_ps(cw + col), _mm512_loadu_ps(a + col));
-        const __mmask16 cand = _mm512_mask_cmp_ps_mask(valid, hi, Lv, _CMP_GE_OQ);
-        if (!cand) continue;
+        if (!(up[p] >= L)) continue;
         float f[16];
         store16(f, exact_panel(x, w, K, p));
-        for (int j = 0; j < 16; j++)
-            if ((cand >> j & 1) && (at < 0 || f[j] > best)) best = f[j], at = col + j;
+        for (int64_t j = 0; j < 16 && p * 16 + j < N; j++)
+            if (at < 0 || f[j] > best) best = f[j], at = p * 16 + j;
     }
     *value = best;
     *index = at;
@@ -134,9 +136,9 @@ static void full_row(const float *x, const float *w, int64_t N, int64_t P, int64
 
 /* Returns how many rows took the full float32 path. */
 int64_t greedy_head_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wb, const float *w,
-                        const float *cw, int64_t N, int64_t P, uint32_t *xb, float *nx, float *approx, float *lower,
-                        unsigned char *bad, float *value, int64_t *index, int threads) {
-    const int64_t K2 = (K + 1) / 2, groups = (P + GROUPP - 1) / GROUPP, lda = P * 16;
+                        const float *cw, int64_t N, int64_t P, uint32_t *xb, float *nx, float *upper, float *lower,
+                        float *row, unsigned char *bad, float *value, int64_t *index, int threads) {
+    const int64_t K2 = (K + 1) / 2, groups = (P + GROUPP - 1) / GROUPP;
     int64_t full = 0;
     memset(bad, 0, (size_t)M);
 #pragma omp parallel num_threads(threads) reduction(+ : full)
@@ -157,12 +159,20 @@ int64_t greedy_head_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const
         for (int64_t c0 = 0; c0 < M; c0 += MC) {
             const int64_t c1 = c0 + MC < M ? c0 + MC : M;
             for (int64_t r = 0; r < MC; r++) mine[r] = -INFINITY;
-            for (int64_t g = groups * th / T; g < groups * (th + 1) / T; g++) {
+            const int64_t g1 = groups * (th + 1) / T;
+            for (int64_t g = groups * th / T; g < g1; g++) {
                 const int64_t p0 = g * GROUPP, np = P - p0 < GROUPP ? P - p0 : GROUPP;
+                /* the next group's panels (np_next * K2 lines), spread over the first row blocks as in linear_f32.c */
+                const int64_t np_next = g + 1 < g1 ? (P - p0 - GROUPP < GROUPP ? P - p0 - GROUPP : GROUPP) : 0;
+                const char *next = (const char *)(wb + (p0 + GROUPP) * K2 * 32);
+                int64_t left = np_next * K2;
                 for (int64_t m0 = c0; m0 < c1; m0 += R) {
-                    if (np == 3) tile_8x3(xb, K2, wb, cw, nx, approx, lda, mine, bad, N, c0, c1, m0, p0);
-                    else if (np == 2) tile_8x2(xb, K2, wb, cw, nx, approx, lda, mine, bad, N, c0, c1, m0, p0);
-                    else tile_8x1(xb, K2, wb, cw, nx, approx, lda, mine, bad, N, c0, c1, m0, p0);
+                    const int64_t lines = left < 2 * K2 ? left : 2 * K2;
+                    if (np == 3) tile_8x3(xb, K2, wb, cw, nx, upper, P, mine, bad, N, c0, c1, m0, p0, next, lines);
+                    else if (np == 2) tile_8x2(xb, K2, wb, cw, nx, upper, P, mine, bad, N, c0, c1, m0, p0, next, lines);
+                    else tile_8x1(xb, K2, wb, cw, nx, upper, P, mine, bad, N, c0, c1, m0, p0, next, lines);
+                    next += lines * 64;
+                    left -= lines;
                 }
             }
 #pragma omp barrier
@@ -170,14 +180,13 @@ int64_t greedy_head_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const
             for (int64_t m = c0; m < c1; m++) {
                 float L = -INFINITY;
                 for (int t = 0; t < T; t++) L = lower[t * MC + m - c0] > L ? lower[t * MC + m - c0] : L;
-                float *a = approx + (m - c0) * lda;
                 if (bad[m] || !isfinite(L)) {
-                    full_row(x + m * ldx, w, N, P, K, a, value + m, index + m);
+                    full_row(x + m * ldx, w, N, P, K, row + th * P * 16, value + m, index + m);
                     full++;
                 } else {
-                    screen_row(x + m * ldx, w, cw, a, nx[m], L, N, P, K, value + m, index + m);
+                    screen_row(x + m * ldx, w, upper + (m - c0) * P, L, N, P, K, value + m, index + m);
                 }
-            }                                             /* implicit barrier: approx is free for the next chunk */
+            }                                             /* implicit barrier: upper is free for the next chunk */
         }
     }
     return full;

@@ -64,8 +64,9 @@ class GreedyScreen:
             self.col_bound.data_ptr(), self.n_valid, panels,
             self._buffer("xb", m * ((self.k + 1) // 2), torch.int32).data_ptr(),
             self._buffer("norms", m, torch.float32).data_ptr(),
-            self._buffer("approx", chunk * panels * 16, torch.float32).data_ptr(),
+            self._buffer("upper", chunk * panels, torch.float32).data_ptr(),
             self._buffer("lower", threads * 64, torch.float32).data_ptr(),
+            self._buffer("row", threads * panels * 16, torch.float32).data_ptr(),
             self._buffer("bad", m, torch.uint8).data_ptr(),
             values.data_ptr(), indices.data_ptr(), threads)
         return values, indices

@@ -40,7 +40,7 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "kv_write_f32": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
     "argmax_rows_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
     "greedy_head_supported": (ctypes.c_int, []),
-    "greedy_head_f32": (_I, [_P, _I, _I, _I, _P, _P, _P, _I, _I] + [_P] * 7 + [ctypes.c_int]),
+    "greedy_head_f32": (_I, [_P, _I, _I, _I, _P, _P, _P, _I, _I] + [_P] * 8 + [ctypes.c_int]),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False
