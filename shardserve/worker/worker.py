@@ -102,11 +102,13 @@ class Worker:
         return True
 
     def memory_stats(self) -> dict:
-        """This rank's weight bytes (prepacked copies included) and peak resident memory so far."""
+        """This rank's weight bytes (prepacked copies and the LM head's bf16 screen included) and peak resident
+        memory so far."""
         model = self.runner.model
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        weights += sum(m.packed.numel() * m.packed.element_size() for m in model.modules()
-                       if getattr(m, "packed", None) is not None)
+        for m in model.modules():
+            for copy in (getattr(m, "packed", None), getattr(getattr(m, "screen", None), "weight_bf16", None)):
+                weights += 0 if copy is None else copy.numel() * copy.element_size()
         return {"rank": self.dist_init.rank, "weight_bytes": weights, "peak_rss_bytes": _status_bytes("VmHWM"),
                 "rss_bytes": _status_bytes("VmRSS")}
 

@@ -53,10 +53,15 @@ class ParallelLMHead(LinearBase):
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
         self.tp, self.shard = tp, VocabShard(vocab_size, tp)
         super().__init__(hidden_size, self.shard.padded, False, dtype)
-        self.screen: greedy_head.GreedyScreen | None | bool = False     # False: not built yet (weights load later)
+        self.screen: greedy_head.GreedyScreen | None = None              # built by prepack() where supported
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         self.shard.load(param, loaded)
+
+    def prepack(self) -> None:
+        super().prepack()
+        if self.packed_rows and self.shard.size and greedy_head.supported():
+            self.screen = greedy_head.GreedyScreen(self.packed, self.shard.size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, hidden] -> [N, vocab] logits on tp_rank 0 (the only rank that samples); None elsewhere."""
@@ -81,9 +86,6 @@ class ParallelLMHead(LinearBase):
         if self.shard.size == 0:                       # a rank past the vocab's end (tiny vocab, large tp)
             return (torch.full(hidden.shape[:1], -math.inf, device=hidden.device),
                     torch.zeros(hidden.shape[:1], dtype=torch.int64, device=hidden.device))
-        if self.screen is False:
-            self.screen = (greedy_head.GreedyScreen(self.packed, self.shard.size)
-                           if self.packed_rows and greedy_head.supported() else None)
         if self.screen is not None and greedy_head.applies(hidden, self.packed):
             return self.screen.argmax(hidden)
         logits = self.matmul(hidden, None)[:, : self.shard.size].float()

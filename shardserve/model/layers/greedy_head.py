@@ -34,11 +34,11 @@ class GreedyScreen:
         panels, k, _ = packed.shape
         k2 = (k + 1) // 2
         self.packed, self.n_valid, self.k = packed, n_valid, k
-        pairs = torch.zeros(panels, 2 * k2, 16, dtype=torch.float32)
+        pairs = torch.zeros(panels, 2 * k2, 16, dtype=torch.bfloat16)
         pairs[:, :k] = packed
         # [P, K2, 16, 2] bf16: column j's (k = 2i, 2i + 1) pair adjacent, as VDPBF16PS multiplies them
-        self.weight_bf16 = pairs.view(panels, k2, 2, 16).transpose(2, 3).to(torch.bfloat16).contiguous()
-        norms = packed.double().pow(2).sum(dim=1).sqrt().reshape(-1)             # ||w_v|| per column [P * 16]
+        self.weight_bf16 = pairs.view(panels, k2, 2, 16).transpose(2, 3).contiguous()
+        norms = torch.linalg.vector_norm(packed, dim=1).reshape(-1).double()      # ||w_v|| per column [P * 16]
         scaled = (norms * bound_factor(k) * (1 + 2.0 ** -20)).float()
         self.col_bound = torch.nextafter(scaled, torch.tensor(math.inf)) + 2.0 ** -50
         self._scratch: dict[str, torch.Tensor] = {}
