@@ -6,7 +6,7 @@ Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the ca
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
 for a 2048-token step of 16 prompts (one C call vs stacked bmm per prompt); SiLU*mul; the KV-cache write; the
 greedy argmax; the linears (panel GEMM with SiLU*up fused vs oneDNN's prepacked GEMM plus the SiLU*mul
-kernel). Each cell is the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so
+kernel); the greedy LM head (bf16 screen vs float32 logits and the argmax kernel). Each cell is the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so
 drift hits both alike.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
-from shardserve.model.layers import fused_ops, native, native_linear  # noqa: E402
+from shardserve.model.layers import fused_ops, greedy_head, native, native_linear  # noqa: E402
 from shardserve.model.layers.attention import PagedAttention  # noqa: E402
 from shardserve.worker.malloc_tuning import keep_freed_memory  # noqa: E402
 
@@ -112,6 +112,22 @@ def argmax_case(rows: int = 64, vocab: int = 49152):
     return lambda: fused_ops.argmax_rows(logits) if native.applies(logits) else logits.argmax(dim=-1)
 
 
+def greedy_head_case(rows: int, vocab: int = 49152, hidden: int = 576):
+    """Greedy tokens of the LM head: the bf16 screen (greedy_head.c) against the float32 panel GEMM's full logits
+    and the argmax kernel (what greedy batches ran before; both C kernels, so this row compares the methods)."""
+    gen = torch.Generator().manual_seed(3)
+    packed = native_linear.pack(torch.randn(vocab, hidden, generator=gen) * 0.05)
+    screen = greedy_head.GreedyScreen(packed, vocab) if greedy_head.supported() else None
+    x = torch.randn(rows, hidden, generator=gen) * 3
+
+    def run():
+        if os.environ.get("SHARDSERVE_CPU_KERNELS") != "torch" and screen is not None:
+            return screen.argmax(x)
+        with kernel_path("native"):
+            return fused_ops.argmax_rows(native_linear.linear(x, packed, None, vocab))
+    return run
+
+
 @contextlib.contextmanager
 def kernel_path(path: str):
     """Run the block on shardserve's kernels ("native") or on the torch ops they replace ("torch": the C kernels
@@ -154,6 +170,9 @@ def main() -> None:
         ("SiLU*mul [64, 3072]", min(2, cores), "us", silu_case(), 200, 1),
         ("KV write, 64 rows", min(2, cores), "us", kv_write_case(), 500, 1),
         ("greedy argmax [64, 49152]", min(2, cores), "us", argmax_case(), 50, 1),
+        ("greedy LM head, 64 rows x 49152 (bf16 screen vs float32 GEMM + argmax)", min(2, cores), "ms",
+         greedy_head_case(64), 5, 1),
+        ("greedy LM head, 1 row x 49152 (batch-1 decode)", min(2, cores), "ms", greedy_head_case(1), 20, 1),
     ]
     print(f"{cores} cores, torch {torch.__version__}, {args.rounds} interleaved rounds, medians\n")
     print("| kernel | threads | shardserve | torch path | speed-up |\n|---|---:|---:|---:|---:|")
