@@ -79,20 +79,23 @@ class ModelRunner:
             return result
         states = [self.requests[i] for i in sample_ids]
         reqs = [SampleRequest(s.params, s.seed, s.prompt_token_ids, s.output_token_ids) for s in states]
-        hidden = out[batch.logits_indices]
-        if all(argmax_suffices(r) for r in reqs):                   # every rank decides alike: same requests
-            tokens = self.model.greedy_tokens(hidden)                 # [S] on tp_rank 0 only
+        hidden = out[batch.logits_indices]                            # [S, hidden]
+        # Rows needing only the argmax skip the logits (LM head's greedy); the rest sample from full logits.
+        # Every rank splits alike: the split depends only on the requests.
+        argmax_rows = [i for i, r in enumerate(reqs) if argmax_suffices(r)]
+        other_rows = [i for i, r in enumerate(reqs) if not argmax_suffices(r)]
+        if argmax_rows:
+            tokens = self.model.greedy_tokens(_take(hidden, argmax_rows))          # on tp_rank 0 only
             if sample_here and tokens is not None:
-                result.sampled_token_ids.update(zip(sample_ids, tokens.tolist()))
-            return result
-        logits = self.model.compute_logits(hidden)                    # [S, vocab] on tp_rank 0 only
-        if not sample_here or logits is None:
-            return result
-        sampled = sample(logits, reqs, self.eos_token_ids)
-        for req_id, token, lp in zip(sample_ids, sampled.token_ids, sampled.logprobs):
-            result.sampled_token_ids[req_id] = token
-            if lp is not None:
-                result.logprobs[req_id] = lp
+                result.sampled_token_ids.update(zip([sample_ids[i] for i in argmax_rows], tokens.tolist()))
+        if other_rows:
+            logits = self.model.compute_logits(_take(hidden, other_rows))          # on tp_rank 0 only
+            if sample_here and logits is not None:
+                sampled = sample(logits, [reqs[i] for i in other_rows], self.eos_token_ids)
+                for i, token, lp in zip(other_rows, sampled.token_ids, sampled.logprobs):
+                    result.sampled_token_ids[sample_ids[i]] = token
+                    if lp is not None:
+                        result.logprobs[sample_ids[i]] = lp
         return result
 
     def _update_states(self, sched: SchedulerOutput) -> dict[str, int]:
@@ -120,3 +123,8 @@ class ModelRunner:
         ordered = decode + prefill
         batch = build_forward_batch([c for _, c in ordered], self.block_size, self.device)
         return batch, [req_id for req_id, c in ordered if c.sample]
+
+
+def _take(rows: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """rows[index], without a copy when index takes every row in order."""
+    return rows if len(index) == rows.shape[0] else rows[index]

@@ -57,16 +57,25 @@ def test_prefix_reuse_allocates_shared_blocks_once(llm):
 
 
 def test_greedy_without_logits_equals_greedy_with_them(llm):
-    """A plain greedy batch takes the LM head's argmax path (the bf16 screen where the CPU has AVX512-BF16); a
-    request asking for logprobs puts its batch on the full-logits path: the tokens agree."""
+    """A plain greedy row takes the LM head's argmax path (the bf16 screen where the CPU has AVX512-BF16); a row
+    asking for logprobs, or sampling, takes the full logits. All greedy, all with logprobs, and both kinds plus a
+    seeded sampled request in the same batches: the greedy tokens agree, and the sampled request matches its run
+    alone (its noise is keyed by seed and position, not by batch)."""
     from shardserve.model.layers import greedy_head
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    plain = token_ids(gen(llm, PROMPTS, params))
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    sampled = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
+    plain = token_ids(gen(llm, PROMPTS, greedy))
     head = llm.engine.executor.worker.runner.model.lm_head
-    assert (head.screen is not None) == greedy_head.supported()      # built by the greedy batch where supported
-    with_logits = gen(llm, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1))
-    assert token_ids(with_logits) == plain
-    assert all(o.outputs[0].logprobs for o in with_logits)
+    assert (head.screen is not None) == greedy_head.supported()      # built at load where supported
+    all_logits = gen(llm, PROMPTS, with_logprobs)
+    assert token_ids(all_logits) == plain
+    assert all(o.outputs[0].logprobs for o in all_logits)
+    alone = token_ids(gen(llm, PROMPTS[:1], sampled))
+    mixed = llm.generate([{"prompt_token_ids": p} for p in PROMPTS + PROMPTS[:1]],
+                         [greedy, with_logprobs, greedy, with_logprobs, sampled], use_tqdm=False)
+    assert token_ids(mixed) == plain + alone
+    assert [bool(o.outputs[0].logprobs) for o in mixed] == [False, True, False, True, False]
 
 
 def test_seeded_sampling_is_reproducible(llm):
