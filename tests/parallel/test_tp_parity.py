@@ -12,6 +12,8 @@ PROMPTS = [[1, 5, 9, 33], [1, 200, 13, 7, 88, 91, 4, 100, 250, 17, 3, 600, 42, 4
 MAX_TOKENS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=5)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)
+ARGMAX = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)    # no logits: the head's argmax
+ARGMAX_FROM_LOGITS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
 
 
 def run(path: str, prompts, tp: int = 1, pp: int = 1, **kwargs):
@@ -19,6 +21,10 @@ def run(path: str, prompts, tp: int = 1, pp: int = 1, **kwargs):
              kv_cache_memory=64 << 20, **kwargs) as llm:
         greedy = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
         seeded = llm.generate([{"prompt_token_ids": p} for p in prompts], SEEDED, use_tqdm=False)
+        # the same layout's argmax without gathering logits (per-rank winners) equals argmax over the logits
+        argmax, from_logits = (llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                               for params in (ARGMAX, ARGMAX_FROM_LOGITS))
+        assert [o.outputs[0].token_ids for o in argmax] == [o.outputs[0].token_ids for o in from_logits]
     return engine_runs(greedy), [o.outputs[0].token_ids for o in seeded]
 
 
