@@ -1,4 +1,4 @@
-"""The C kernels (paged_decode.c, prefill_attention.c, linear_f32.c, fused_ops.c, decoder_f32.c, greedy_head.c): compiled once per machine with gcc, loaded with ctypes.
+"""The C kernels (the `SOURCES` next to this file): compiled once per machine with gcc, loaded with ctypes.
 
 The shared object is cached under ~/.cache/shardserve (or $XDG_CACHE_HOME) by a hash of the sources, the
 compiler flags and this CPU, built under a file lock so ranks starting together compile it once. Without a
@@ -22,8 +22,8 @@ import torch
 
 from shardserve.distributed import env
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "prefill_attention.c", "linear_f32.c", "fused_ops.c", "decoder_f32.c",
-                                                      "greedy_head.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "prefill_attention.c", "linear_f32.c",
+                                                      "fused_ops.c", "decoder_f32.c", "greedy_head.c", "sampling.c")]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -40,6 +40,8 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "kv_write_f32": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
     "argmax_rows_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
     "greedy_head_supported": (ctypes.c_int, []),
+    "top_p_filter_f32": (None, [_P, _I, _I, _I, _P, _P, ctypes.c_int]),
+    "top_k_filter_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
     "greedy_head_f32": (_I, [_P, _I, _I, _I, _P, _P, _P, _I, _I] + [_P] * 8 + [ctypes.c_int]),
 }
 _lib: ctypes.CDLL | None = None

@@ -1,7 +1,8 @@
-"""Sampler: logits -> next tokens per request (penalties, temperature, top-k/p, min-p, seeded noise).
+"""Sampler: logits -> next tokens per request (penalties, temperature, top-k/p, min-p, a seeded draw).
 
-Randomness is keyed by (request seed, output position), never by batch order or layout, so a seeded
-request samples the same tokens under any TP/PP split, batch composition or preemption.
+The sampled rows of a step go through each stage together ([R, V] tensor ops, no per-row Python loop over the
+vocab). The draw is one uniform per row, keyed by (request seed, output position), never by batch order or
+layout, so a seeded request samples the same tokens under any TP/PP split, batch composition or preemption.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardserve.model.layers import fused_ops
+from shardserve.model.layers import fused_ops, native
 from shardserve.sampling_params import SamplingParams
 
 
@@ -37,25 +38,27 @@ def argmax_suffices(req: SampleRequest) -> bool:
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: tuple[int, ...]) -> SampleResult:
-    """logits [S, V] float32, one row per request; penalties are applied to it in place (the caller's buffer:
-    a copy cost 15 ms per batch-64 decode step of a 49K vocab)."""
-    raw_logprobs = None
-    if any(r.params.logprobs is not None for r in requests):
-        raw_logprobs = torch.log_softmax(logits, dim=-1)               # of the model's raw distribution
+    """logits [S, V] float32, one row per request. The caller's buffer is scratch: penalties and the sampled rows'
+    temperature apply to it in place (a copy costs ~2 ms per batch-64 step of a 49K vocab)."""
+    wants = [row for row, req in enumerate(requests) if req.params.logprobs is not None]
+    raw = torch.log_softmax(logits[wants], dim=-1) if wants else None     # [W, V] the model's raw distribution
     for row, req in enumerate(requests):
         _apply_penalties(logits[row], req, eos_token_ids)
-    tokens = fused_ops.argmax_rows(logits)
-    if tokens is None:
-        tokens = logits.argmax(dim=-1)
-    for row, req in enumerate(requests):
-        if not req.params.greedy:
-            tokens[row] = _sample_row(logits[row], req)
+    sampled = [row for row, req in enumerate(requests) if not req.params.greedy]
+    tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+    if len(sampled) < len(requests):
+        tokens = fused_ops.argmax_rows(logits)
+        if tokens is None:
+            tokens = logits.argmax(dim=-1)
+    if sampled:
+        rows = logits if len(sampled) == len(requests) else logits[sampled]
+        tokens[sampled] = _sample_rows(rows, [requests[row] for row in sampled])
     token_ids = tokens.tolist()
     logprobs = [None] * len(requests)
-    if raw_logprobs is not None:
-        for row, req in enumerate(requests):
-            if req.params.logprobs is not None:
-                logprobs[row] = _top_logprobs(raw_logprobs[row], token_ids[row], req.params.logprobs)
+    if wants:
+        chosen = _top_logprobs(raw, [token_ids[row] for row in wants], [requests[row].params.logprobs for row in wants])
+        for row, lp in zip(wants, chosen):
+            logprobs[row] = lp
     return SampleResult(token_ids, logprobs)
 
 
@@ -74,31 +77,101 @@ def _apply_penalties(row: torch.Tensor, req: SampleRequest, eos_token_ids: tuple
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
 
 
-def _sample_row(row: torch.Tensor, req: SampleRequest) -> int:
-    p = req.params
-    row = row / p.temperature
-    if p.top_k > 0 and p.top_k < row.shape[0]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-    gen = torch.Generator(device="cpu").manual_seed(_noise_key(req.seed, len(req.output_token_ids)))
-    noise = torch.empty(row.shape[0], dtype=torch.float32).exponential_(generator=gen).to(row.device)
-    return int((probs / noise).argmax())
+def _sample_rows(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+    """logits [R, V] (scratch: changed in place) of rows with temperature > 0 -> [R] sampled token ids:
+    temperature, top-k (ties with the k-th logit kept), softmax, top-p (the most likely tokens until their mass
+    reaches top_p), min-p (relative to the row's top probability), then one seeded uniform draw from the rest."""
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in reqs], dtype=logits.dtype, device=dev)
+    x = _top_k(logits.div_(temps[:, None]), [r.params.top_k for r in reqs])
+    probs = _top_p(torch.softmax(x, dim=-1), [r.params.top_p for r in reqs])
+    if any(r.params.min_p > 0 for r in reqs):
+        min_p = torch.tensor([r.params.min_p for r in reqs], dtype=probs.dtype, device=dev)
+        probs.masked_fill_(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    u = torch.tensor([_uniform(r.seed, len(r.output_token_ids)) for r in reqs], dtype=torch.float64, device=dev)
+    return _inverse_cdf(probs, u)
 
 
-def _noise_key(seed: int, position: int) -> int:
-    return (seed * 1_000_003 + position * 7_919 + 0x5EED) % (2**63 - 1)
+def _top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Rows with 0 < k < V keep the logits >= their k-th largest (ties kept); the others are left whole. In place
+    (x is the caller's temperature-scaled copy): sampling.c's bisection on the CPU, else torch.topk."""
+    vocab = x.shape[1]
+    rows = [i for i, k in enumerate(ks) if 0 < k < vocab]
+    if not rows:
+        return x
+    if native.applies(x) and x.stride(1) == 1:
+        k = torch.tensor(ks, dtype=torch.int64)                        # held through the call
+        native.lib().top_k_filter_f32(x.data_ptr(), x.stride(0), x.shape[0], vocab, k.data_ptr(),
+                                      torch.get_num_threads())
+        return x
+    k = torch.tensor([ks[i] for i in rows], device=x.device)[:, None]
+    kth = torch.full((x.shape[0], 1), float("-inf"), dtype=x.dtype, device=x.device)
+    kth[rows] = torch.topk(x[rows], int(k.max()), dim=-1).values.gather(1, k - 1)
+    return x.masked_fill_(x < kth, float("-inf"))
 
 
-def _top_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    top = torch.topk(row, k) if k > 0 else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return float(row[token]), pairs
+def _top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Rows with top_p < 1 keep token v iff the mass of the tokens strictly more likely than v is below top_p: the
+    most likely tokens until their mass reaches top_p (the top token always stays; equal probabilities stay or go
+    together). The cut is a threshold, found by bisection (sampling.c on the CPU, in place), not by sorting the
+    vocab."""
+    if all(p >= 1.0 for p in ps):
+        return probs
+    top_p = torch.tensor(ps, dtype=torch.float32, device=probs.device)
+    if native.applies(probs) and probs.stride(1) == 1:                 # in place: probs is the caller's softmax
+        cut = torch.empty_like(top_p)                                   # held through the call: C writes it
+        native.lib().top_p_filter_f32(probs.data_ptr(), probs.stride(0), probs.shape[0], probs.shape[1],
+                                      top_p.data_ptr(), cut.data_ptr(), torch.get_num_threads())
+        return probs
+    return probs.masked_fill(probs < _top_p_threshold(probs, top_p)[:, None], 0.0)
+
+
+def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """sampling.c's threshold in torch (other devices, kernels off): per row the smallest float t with
+    mass(p > t) < top_p, bisected over t's bits (non-negative floats order as their int32 bits); 0 where top_p is 1."""
+    lo = torch.zeros_like(top_p, dtype=torch.int32)
+    hi = torch.where(top_p < 1, probs.amax(dim=-1).view(torch.int32), 0)    # mass above the top is 0; no cut at 1
+    wide = probs.double()
+    while bool((lo < hi).any()):
+        mid = lo + (hi - lo) // 2
+        mass = torch.where(wide > mid.view(torch.float32)[:, None].double(), wide, 0.0).sum(dim=-1)
+        below = mass < top_p.double()
+        hi, lo = torch.where(below, mid, hi), torch.where(below, lo, mid + 1)
+    return lo.view(torch.float32)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (not normalized, >= 0), u [R] in [0, 1) float64 -> [R] the first token whose running mass
+    exceeds u * total: token v with probability probs[v] / total. Two levels, so the running sums are float64 over
+    float32 values without a float64 copy of [R, V]: 64-token blocks' sums, then the chosen block's tokens."""
+    rows, vocab = probs.shape
+    block = 64
+    padded = (probs if vocab % block == 0 else torch.nn.functional.pad(probs, (0, -vocab % block)))
+    padded = padded.view(rows, -1, block)                                               # [R, nb, 64]
+    block_mass = padded.sum(dim=-1).double().cumsum(dim=-1)                             # [R, nb]
+    target = (u * block_mass[:, -1])[:, None]                                           # [R, 1]
+    b = torch.searchsorted(block_mass, target, right=True).clamp(max=block_mass.shape[1] - 1)   # [R, 1]
+    before = torch.where(b > 0, block_mass.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = padded.gather(1, b[:, :, None].expand(rows, 1, block)).squeeze(1)          # [R, 64]
+    running = before + inside.double().cumsum(dim=-1)
+    t = torch.searchsorted(running, target, right=True).clamp(max=block - 1)            # [R, 1]
+    # rounding can leave the target past the block's last running sum: take its last token with mass then
+    last = block - 1 - (inside > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    t = torch.where(inside.gather(1, t) > 0, t, torch.minimum(t, last))
+    return (b * block + t).squeeze(1)
+
+
+def _uniform(seed: int, position: int) -> float:
+    """The draw for one request's output position: a float64 in [0, 1) from a generator keyed by both."""
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + position * 7_919 + 0x5EED) % (2**63 - 1))
+    return float(torch.rand(1, dtype=torch.float64, generator=gen))
+
+
+def _top_logprobs(raw: torch.Tensor, tokens: list[int], ks: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """raw [W, V] logprobs -> per row (its token's logprob, its top-k (token, logprob) pairs, descending): one
+    topk for all rows (a row's top k is the prefix of the rows' largest k)."""
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1).tolist()
+    kmax = max(ks)
+    top = torch.topk(raw, kmax, dim=-1) if kmax > 0 else None
+    ids, vals = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(ks), [[]] * len(ks))
+    return [(c, list(zip(ids[i][:k], vals[i][:k]))) for i, (c, k) in enumerate(zip(chosen, ks))]
