@@ -1,9 +1,11 @@
 """Offline throughput: shardserve layouts against HF transformers generate on the same prompts, one run.
 
-Workload (issue 2): 64 requests, ~128-token prompts, 128 output tokens (ignore_eos), SmolLM2 float32.
+Workload (issue 2): 64 requests, ~128-token prompts, 128 output tokens (ignore_eos), SmolLM2 float32, greedy
+(or sampled: --temperature T --top-p P, on both sides).
 Prints output tokens/s per side and the ratio; batch-1 decode ms/token against HF and the memory-bandwidth
 floor (weight bytes / measured read bandwidth). Usage:
     python benchmarks/throughput.py [--layouts 1x1,2x1,1x2:17/13] [--num-requests 64] [--skip-hf] [--hf-batches 1,16,64]
+                                    [--temperature 0.8 --top-p 0.95]
 A layout TPxPP may carry its own PP layer partition after a colon (`1x2:17/13`): SHARDSERVE_PP_LAYER_PARTITION
 is set for that layout's engine only (its spawned workers inherit it) and the weight bytes per rank are printed.
 """
@@ -59,7 +61,8 @@ def parse_layout(layout: str) -> tuple[int, int, str | None]:
     return tp, pp, partition.replace("/", ",") or None
 
 
-def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partition: str | None = None) -> dict:
+def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partition: str | None = None,
+                     temperature: float = 0.0, top_p: float = 1.0) -> dict:
     key, previous = "SHARDSERVE_PP_LAYER_PARTITION", os.environ.get("SHARDSERVE_PP_LAYER_PARTITION")
     if partition:
         os.environ[key] = partition            # read by the driver (config check) and the workers spawned here
@@ -73,7 +76,7 @@ def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partit
             os.environ[key] = previous
     try:
         weights = [r["weight_bytes"] for r in llm.engine.executor.collective_rpc("memory_stats")]
-        params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=out_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm
         # CPU busy share of the driver and of each worker process (rank order) during the timed run; a worker
         # waiting for its next batch blocks (semaphore / socket), so 1 - busy is roughly its idle share.
@@ -98,7 +101,8 @@ def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partit
             "weights": weights, "steps": steps, "busy": busy}
 
 
-def bench_hf(gguf_path: str, prompts, out_len: int, batches: list[int], batch1_requests: int) -> dict:
+def bench_hf(gguf_path: str, prompts, out_len: int, batches: list[int], batch1_requests: int,
+             temperature: float = 0.0, top_p: float = 1.0) -> dict:
     from transformers import AutoModelForCausalLM
     folder, name = os.path.split(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
@@ -110,8 +114,10 @@ def bench_hf(gguf_path: str, prompts, out_len: int, batches: list[int], batch1_r
             t, n = time.perf_counter(), 0
             for i in range(0, len(todo), bs):
                 batch = torch.tensor(todo[i:i + bs])          # equal lengths: no padding needed
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature \
+                    else dict(do_sample=False)
                 out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=out_len,
-                                     min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+                                     min_new_tokens=out_len, pad_token_id=0, **sampling)
                 n += (out.shape[1] - batch.shape[1]) * out.shape[0]
             results[bs] = n / (time.perf_counter() - t)
         ids = torch.tensor([prompts[0]])
@@ -135,16 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-batches", default="1,16,64")
     ap.add_argument("--hf-batch1-requests", type=int, default=4, help="batch 1 runs on this many requests")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the issue's workload); > 0 samples")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ns = ap.parse_args(argv)
     model = ns.model or default_model_path()
     tokenizer = load_tokenizer(read_model_spec(model))
     prompts = make_prompts(tokenizer, ns.num_requests, ns.prompt_len)
-    print(f"workload: {ns.num_requests} requests x {ns.prompt_len} prompt tokens -> {ns.output_len} output tokens; "
+    decoding = f"temperature {ns.temperature}, top_p {ns.top_p}" if ns.temperature else "greedy"
+    print(f"workload: {ns.num_requests} requests x {ns.prompt_len} prompt tokens -> {ns.output_len} output tokens, "
+          f"{decoding}; "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
     rows = []
     for layout in ns.layouts.split(","):
         tp, pp, partition = parse_layout(layout)
-        r = bench_shardserve(model, tp, pp, prompts, ns.output_len, partition)
+        r = bench_shardserve(model, tp, pp, prompts, ns.output_len, partition, ns.temperature, ns.top_p)
         name = f"shardserve tp={tp} pp={pp}" + (f" layers {partition.replace(',', '/')}" if partition else "")
         rows.append((name, r["tok_s"], r["decode_ms"]))
         print(f"  {name}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['elapsed']:.1f} s), "
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     hf = None
     if not ns.skip_hf and model.endswith(".gguf"):
         hf = bench_hf(model, prompts, ns.output_len, [int(b) for b in ns.hf_batches.split(",")],
-                      ns.hf_batch1_requests)
+                      ns.hf_batch1_requests, ns.temperature, ns.top_p)
         for bs, v in hf["tok_s_by_batch"].items():
             print(f"  HF transformers batch {bs}: {v:.1f} tok/s", flush=True)
         best_bs = max(hf["tok_s_by_batch"], key=hf["tok_s_by_batch"].get)
