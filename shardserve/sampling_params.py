@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+GREEDY_BELOW = 1e-5          # vLLM's _SAMPLING_EPS
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -67,7 +70,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 decode greedily, as vLLM's do (dividing logits by them overflows float32)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_number(x: object) -> bool:

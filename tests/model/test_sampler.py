@@ -97,3 +97,16 @@ def test_a_seeded_draw_ignores_the_batch_around_it(kernels):
     assert together == alone
     assert together[0] == int(logits[0].argmax()) and together[4] == int(logits[4].argmax())
     assert sample(logits.clone(), reqs, ()).token_ids == together                  # reproducible
+
+
+def test_extreme_inputs_still_give_a_vocab_token(kernels):
+    """Temperatures below 1e-5 decode greedily (vLLM's rule; dividing by them overflows); a row of NaN or
+    all-zero probabilities still yields a token of the vocab (the engine must not fail on it)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(4)) * 5
+    reqs = [SampleRequest(SamplingParams(temperature=t, seed=1), 1, [1], []) for t in (1e-300, 1e-6, 9.9e-6, 5e-324)]
+    assert sample(logits.clone(), reqs, ()).token_ids == logits.argmax(dim=-1).tolist()
+    odd = torch.zeros(3, 100)
+    odd[0] = float("nan")
+    odd[2, 99] = 1.0
+    tokens = sampler._inverse_cdf(odd, torch.tensor([0.5, 0.5, 1 - 2 ** -53], dtype=torch.float64))
+    assert tokens.tolist() == [0, 0, 99]

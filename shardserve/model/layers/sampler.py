@@ -158,7 +158,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # rounding can leave the target past the block's last running sum: take its last token with mass then
     last = block - 1 - (inside > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
     t = torch.where(inside.gather(1, t) > 0, t, torch.minimum(t, last))
-    return (b * block + t).squeeze(1)
+    token = (b * block + t).squeeze(1).clamp(max=vocab - 1)
+    # a row whose pick holds no mass (NaN from extreme logits, or rounding into an empty tail block): its argmax
+    # (first NaN, as torch.argmax), so the engine always gets a token of the vocab
+    has_mass = probs.gather(1, token[:, None]).squeeze(1) > 0
+    if bool(has_mass.all()):
+        return token
+    return torch.where(has_mass, token, probs.argmax(dim=-1))
 
 
 def _uniform(seed: int, position: int) -> float:
