@@ -6,8 +6,8 @@ Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the ca
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
 for a 2048-token step of 16 prompts (one C call vs stacked bmm per prompt); SiLU*mul; the KV-cache write; the
 greedy argmax; the linears (panel GEMM with SiLU*up fused vs oneDNN's prepacked GEMM plus the SiLU*mul
-kernel); the greedy LM head (bf16 screen vs float32 logits and the argmax kernel). Each cell is the median over `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so
-drift hits both alike.
+kernel); the greedy LM head (bf16 screen vs float32 logits and the argmax kernel). Each cell is the median over
+`--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both alike.
 """
 from __future__ import annotations
 

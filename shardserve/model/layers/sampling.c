@@ -52,7 +52,7 @@ void top_p_filter_f32(float *probs, int64_t ld, int64_t R, int64_t V, const floa
                 top = p[i] > top ? p[i] : top;
             }
             const double floor = (total - top_p[r]) / (double)V;     /* the cut is above every p <= floor */
-            if (top_p[r] >= 1.0f || floor <= 0.0) {                                    /* top_p >= the total: the nucleus is everything */
+            if (top_p[r] >= 1.0f || floor <= 0.0) {               /* top_p >= 1 or the total: no cut */
                 threshold[r] = 0.0f;
                 continue;
             }
