@@ -6,7 +6,8 @@ Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the ca
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
 for a 2048-token step of 16 prompts (one C call vs stacked bmm per prompt); SiLU*mul; the KV-cache write; the
 greedy argmax; the linears (panel GEMM with SiLU*up fused vs oneDNN's prepacked GEMM plus the SiLU*mul
-kernel); the greedy LM head (bf16 screen vs float32 logits and the argmax kernel). Each cell is the median over
+kernel); the greedy LM head (bf16 screen vs float32 logits and the argmax kernel); the sampler's top-k / top-p
+cuts (sampling.c vs torch). Each cell is the median over
 `--rounds` interleaved rounds (kernel, then torch, then kernel ...), so drift hits both alike.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
-from shardserve.model.layers import fused_ops, greedy_head, native, native_linear  # noqa: E402
+from shardserve.model.layers import fused_ops, greedy_head, native, native_linear, sampler  # noqa: E402
 from shardserve.model.layers.attention import PagedAttention  # noqa: E402
+from shardserve.sampling_params import SamplingParams  # noqa: E402
 from shardserve.worker.malloc_tuning import keep_freed_memory  # noqa: E402
 
 BLOCK = 16
@@ -128,6 +130,19 @@ def greedy_head_case(rows: int, vocab: int = 49152, hidden: int = 576):
     return run
 
 
+def sampler_case(rows: int = 64, vocab: int = 49152):
+    """A step's sampled rows (temperature 0.8, top_k 50, top_p 0.95): sampling.c's cuts vs the torch ones."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(4)) * 4
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=1)
+    reqs = [sampler.SampleRequest(params, i, [1], []) for i in range(rows)]
+    scratch = logits.clone()
+
+    def run():
+        scratch.copy_(logits)                          # sample() takes the logits as scratch
+        return sampler.sample(scratch, reqs, ())
+    return run
+
+
 @contextlib.contextmanager
 def kernel_path(path: str):
     """Run the block on shardserve's kernels ("native") or on the torch ops they replace ("torch": the C kernels
@@ -173,6 +188,8 @@ def main() -> None:
         ("greedy LM head, 64 rows x 49152 (bf16 screen vs float32 GEMM + argmax)", min(2, cores), "ms",
          greedy_head_case(64), 5, 1),
         ("greedy LM head, 1 row x 49152 (batch-1 decode)", min(2, cores), "ms", greedy_head_case(1), 20, 1),
+        ("sampler, 64 rows x 49152, T 0.8 top_k 50 top_p 0.95 (C cuts vs torch)", min(2, cores), "ms",
+         sampler_case(), 5, 1),
     ]
     print(f"{cores} cores, torch {torch.__version__}, {args.rounds} interleaved rounds, medians\n")
     print("| kernel | threads | shardserve | torch path | speed-up |\n|---|---:|---:|---:|---:|")
