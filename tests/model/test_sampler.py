@@ -110,3 +110,36 @@ def test_extreme_inputs_still_give_a_vocab_token(kernels):
     odd[2, 99] = 1.0
     tokens = sampler._inverse_cdf(odd, torch.tensor([0.5, 0.5, 1 - 2 ** -53], dtype=torch.float64))
     assert tokens.tolist() == [0, 0, 99]
+
+
+def _penalties_reference(row: torch.Tensor, req: SampleRequest, eos: tuple[int, ...]) -> None:
+    """One row at a time, straight from the definitions."""
+    p = req.params
+    if len(req.output_token_ids) < p.min_tokens:
+        for t in (*eos, *p.stop_token_ids):
+            if t < row.shape[0]:
+                row[t] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        for t in set(req.prompt_token_ids) | set(req.output_token_ids):
+            row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+    for t in set(req.output_token_ids):
+        row[t] -= p.frequency_penalty * req.output_token_ids.count(t) + p.presence_penalty
+
+
+def test_penalties_match_their_definitions():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    reqs = [SampleRequest(SamplingParams(repetition_penalty=1.3, min_tokens=3, stop_token_ids=[7, 60]), 0,
+                          [1, 2, 2, 9], [4, 5]),
+            SampleRequest(SamplingParams(presence_penalty=0.5, frequency_penalty=-0.7), 0, [3], [8, 8, 8, 1]),
+            SampleRequest(SamplingParams(), 0, [1, 2], [3]),
+            SampleRequest(SamplingParams(repetition_penalty=0.8, presence_penalty=-1.0, min_tokens=1), 0,
+                          [10, 11], [])]
+    got = logits.clone()
+    sampler._apply_penalties(got, reqs, (0, 49))
+    want = logits.clone()
+    for row, req in zip(want, reqs):
+        _penalties_reference(row, req, (0, 49))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got[0, 0] == got[0, 49] == got[0, 7] == got[3, 0] == float("-inf")
+    assert not torch.equal(got[:2], logits[:2]) and torch.equal(got[2], logits[2])

@@ -6,6 +6,7 @@ layout, so a seeded request samples the same tokens under any TP/PP split, batch
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: t
     temperature apply to it in place (a copy costs ~2 ms per batch-64 step of a 49K vocab)."""
     wants = [row for row, req in enumerate(requests) if req.params.logprobs is not None]
     raw = torch.log_softmax(logits[wants], dim=-1) if wants else None     # [W, V] the model's raw distribution
-    for row, req in enumerate(requests):
-        _apply_penalties(logits[row], req, eos_token_ids)
+    _apply_penalties(logits, requests, eos_token_ids)
     sampled = [row for row, req in enumerate(requests) if not req.params.greedy]
     tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
     if len(sampled) < len(requests):
@@ -62,19 +62,42 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: t
     return SampleResult(token_ids, logprobs)
 
 
-def _apply_penalties(row: torch.Tensor, req: SampleRequest, eos_token_ids: tuple[int, ...]) -> None:
-    p = req.params
-    if len(req.output_token_ids) < p.min_tokens:
-        banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if t < row.shape[0]]
-        row[banned] = float("-inf")
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long)
-        if seen.numel():
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-        ids, counts = torch.tensor(req.output_token_ids, dtype=torch.long).unique(return_counts=True)
-        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+def _apply_penalties(logits: torch.Tensor, requests: list[SampleRequest], eos_token_ids: tuple[int, ...]) -> None:
+    """In place, all rows at once (one indexed op per kind, not per row): EOS and stop tokens banned before
+    min_tokens; repetition_penalty divides the positive logits of tokens seen in prompt or output and multiplies
+    the negative ones; frequency (per occurrence) and presence (once) penalties subtract for output tokens."""
+    vocab = logits.shape[1]
+    ban_rows, ban_tokens = [], []
+    rep_rows, rep_tokens, rep_factors = [], [], []
+    pen_rows, pen_tokens, pen_amounts = [], [], []
+    for row, req in enumerate(requests):
+        p = req.params
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = [t for t in {*eos_token_ids, *p.stop_token_ids} if t < vocab]
+            ban_rows += [row] * len(banned)
+            ban_tokens += banned
+        if p.repetition_penalty != 1.0:
+            seen = set(req.prompt_token_ids) | set(req.output_token_ids)
+            rep_rows += [row] * len(seen)
+            rep_tokens += seen
+            rep_factors += [p.repetition_penalty] * len(seen)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+            counts = Counter(req.output_token_ids)
+            pen_rows += [row] * len(counts)
+            pen_tokens += counts
+            pen_amounts += [p.frequency_penalty * n + p.presence_penalty for n in counts.values()]
+
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=logits.device)
+
+    if ban_rows:
+        logits[tensor(ban_rows), tensor(ban_tokens)] = float("-inf")
+    if rep_rows:
+        at, factor = (tensor(rep_rows), tensor(rep_tokens)), tensor(rep_factors, logits.dtype)
+        vals = logits[at]
+        logits[at] = torch.where(vals > 0, vals / factor, vals * factor)
+    if pen_rows:
+        logits[tensor(pen_rows), tensor(pen_tokens)] -= tensor(pen_amounts, logits.dtype)
 
 
 def _sample_rows(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
