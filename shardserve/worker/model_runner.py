@@ -82,8 +82,9 @@ class ModelRunner:
         hidden = out[batch.logits_indices]                            # [S, hidden]
         # Rows needing only the argmax skip the logits (LM head's greedy); the rest sample from full logits.
         # Every rank splits alike: the split depends only on the requests.
-        argmax_rows = [i for i, r in enumerate(reqs) if argmax_suffices(r)]
-        other_rows = [i for i, r in enumerate(reqs) if not argmax_suffices(r)]
+        argmax_only = [argmax_suffices(r) for r in reqs]
+        argmax_rows = [i for i, only in enumerate(argmax_only) if only]
+        other_rows = [i for i, only in enumerate(argmax_only) if not only]
         if argmax_rows:
             tokens = self.model.greedy_tokens(_take(hidden, argmax_rows))          # on tp_rank 0 only
             if sample_here and tokens is not None:
