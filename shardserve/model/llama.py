@@ -93,6 +93,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(spec, ctx, rotary, dtype) if self.start_layer <= i < self.end_layer
             else PPMissingLayer() for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if self.last_stage else PPMissingLayer()
+        self.own_layers = tuple(self.layers[self.start_layer:self.end_layer])   # sliced once, not per step
         self.tp = ctx.tp
         self.native: NativeDecoder | None | bool = False      # False: not decided yet (weights are packed later)
 
@@ -105,13 +106,13 @@ class LlamaModel(nn.Module):
             x, residual = self.embed_tokens(batch.input_ids), None
         else:
             x, residual = intermediate["hidden_states"], intermediate["residual"]
-        layers = list(self.layers[self.start_layer:self.end_layer])
         if self.native is False:
-            self.native = NativeDecoder(layers, self.tp) if NativeDecoder.supports(layers) else None
+            supported = NativeDecoder.supports(self.own_layers)
+            self.native = NativeDecoder(self.own_layers, self.tp) if supported else None
         if self.native is not None and self.native.applies(x):
             x, residual = self.native.run(x, residual, batch, sampled_only=self.last_stage)
         else:
-            for layer in layers:
+            for layer in self.own_layers:
                 x, residual = layer(x, residual, batch)
         if not self.last_stage:
             return {"hidden_states": x, "residual": residual}

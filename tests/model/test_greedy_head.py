@@ -20,12 +20,13 @@ def _check(x, weight, n_valid=None, threads=2):
     n_valid = weight.shape[0] if n_valid is None else n_valid
     packed = native_linear.pack(weight)
     screen = greedy_head.GreedyScreen(packed, n_valid)
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         values, indices = screen.argmax(x)
         logits = _full(x, packed, n_valid)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(before)
     expected = logits.argmax(dim=-1)
     assert torch.equal(indices, expected)
     # bit-identical values (NaN where the winner is NaN)

@@ -65,12 +65,16 @@ class LinearBase(nn.Module):
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.numel() == 0:
             return
         if w.dtype == torch.float32 and native_linear.preferred():
-            self.packed, self.packed_rows = native_linear.pack(w.data), w.shape[0]
+            self.packed, self.packed_rows = self.pack_panels(w.data), w.shape[0]
         elif torch.backends.mkldnn.is_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.data, None)
         else:
             return
         self.weight.data = torch.empty(0, dtype=w.dtype)
+
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight [N, K] in the panel GEMM's layout (native_linear.pack)."""
+        return native_linear.pack(weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_rows:
@@ -122,15 +126,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     gate_up_silu = False
 
-    def prepack(self) -> None:
-        w = self.weight
-        inter = w.shape[0] // 2
-        if (w.device.type == "cpu" and w.dtype == torch.float32 and inter % 16 == 0 and inter > 0
-                and len(self.shards) == 2 and native_linear.preferred()):
-            self.packed, self.packed_rows, self.gate_up_silu = native_linear.pack_gate_up(w.data), w.shape[0], True
-            self.weight.data = torch.empty(0, dtype=w.dtype)
-            return
-        super().prepack()
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        if (weight.shape[0] // 2) % 16 == 0 and len(self.shards) == 2:        # gate and up 16-column aligned
+            self.gate_up_silu = True
+            return native_linear.pack_gate_up(weight)
+        return super().pack_panels(weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = super().matmul(x, bias)
