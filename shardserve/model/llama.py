@@ -11,7 +11,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import ParallelContext
 from shardserve.model.forward_batch import ForwardBatch
-from shardserve.model.layers import fused_ops
+from shardserve.kernels.cpu import fused_ops
 from shardserve.model.layers.native_decoder import NativeDecoder
 from shardserve.model.layers.attention import PagedAttention
 from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding

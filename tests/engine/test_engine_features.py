@@ -61,7 +61,7 @@ def test_greedy_without_logits_equals_greedy_with_them(llm):
     asking for logprobs, or sampling, takes the full logits. All greedy, all with logprobs, and both kinds plus a
     seeded sampled request in the same batches: the greedy tokens agree, and the sampled request matches its run
     alone (its noise is keyed by seed and position, not by batch)."""
-    from shardserve.model.layers import greedy_head
+    from shardserve.kernels.cpu import greedy_head
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     sampled = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shardserve import LLM, SamplingParams
-from shardserve.model.layers import native, native_decoder
+from shardserve.model.layers import native_decoder
+from shardserve.kernels.cpu import native
 from shardserve.model.layers.native_decoder import NativeDecoder
 from shardserve.model.llama import LlamaModel
 

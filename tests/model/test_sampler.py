@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from shardserve.model.layers import native, sampler
+from shardserve.model.layers import sampler
+from shardserve.kernels.cpu import native
 from shardserve.model.layers.sampler import SampleRequest, sample
 from shardserve.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.model.forward_batch import ForwardBatch, PrefillSegment
-from shardserve.model.layers import fused_ops, native, native_attention
+from shardserve.kernels.cpu import fused_ops, native, native_attention
 
 _STACKED_MAX_SCORES = 512 * 512      # query x key pairs per head up to which CPU prefill uses stacked bmm
 
@@ -44,7 +44,7 @@ class PagedAttention(nn.Module):
 
         On the CPU in float32, for chunks up to 512 x 512, two batched matmuls per kv head with the group's
         query heads stacked as rows (no K/V repeat): ~1.6x faster than SDPA here (128 tokens: 392 vs 634 us,
-        benchmarks/kernels.py).
+        benchmarks/kernel_timings.py).
         Longer chunks and other devices take SDPA, which never holds the whole [Hq, n, ctx] score matrix.
         """
         n, ctx = seg.length, seg.context_len

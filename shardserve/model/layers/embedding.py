@@ -9,7 +9,7 @@ from torch import nn
 
 from shardserve.distributed.comm import all_reduce, gather_to_first
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.model.layers import fused_ops, greedy_head
+from shardserve.kernels.cpu import fused_ops, greedy_head
 from shardserve.model.layers.linear import LinearBase, copy_into
 
 

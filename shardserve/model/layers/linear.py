@@ -13,7 +13,7 @@ from torch import nn
 
 from shardserve.distributed.comm import all_reduce
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.model.layers import native_linear
+from shardserve.kernels.cpu import native_linear
 from shardserve.model.layers.sharding import HeadShard, shard_range, split_heads
 
 

@@ -13,7 +13,7 @@ import torch
 from shardserve.distributed.comm import all_reduce
 from shardserve.distributed.parallel_state import ParallelGroup
 from shardserve.model.forward_batch import ForwardBatch
-from shardserve.model.layers import native
+from shardserve.kernels.cpu import native
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shardserve.model.layers import fused_ops
+from shardserve.kernels.cpu import fused_ops
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from shardserve.model.layers import fused_ops
+from shardserve.kernels.cpu import fused_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

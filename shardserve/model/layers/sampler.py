@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardserve.model.layers import fused_ops, native
+from shardserve.kernels.cpu import fused_ops, native
 from shardserve.sampling_params import SamplingParams
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch
-from shardserve.model.layers import native, native_attention
+from shardserve.kernels.cpu import native, native_attention
 from shardserve.model.layers.attention import PagedAttention
 
 pytestmark = pytest.mark.skipif(not native.available(),

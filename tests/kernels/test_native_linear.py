@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.model.layers import fused_ops, native, native_linear
+from shardserve.kernels.cpu import fused_ops, native, native_linear
 from shardserve.model.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")

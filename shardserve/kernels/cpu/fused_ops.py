@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from shardserve.model.layers import native
+from shardserve.kernels.cpu import native
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -1,6 +1,6 @@
 """CPU kernels at SmolLM2 shapes, each against the torch path it replaces, timed in one invocation.
 
-    python benchmarks/kernels.py [--rounds 8]
+    python benchmarks/kernel_timings.py [--rounds 8]
 
 Rows: decode attention (batch 64, context 192, blocks of 16 shuffled over the cache as after churn) for the
 tp=1 heads (9 q / 3 kv, two threads) and the tp=2 ranks' heads (6/2 and 3/1, one thread each); prefill attention
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch  # noqa: E402
-from shardserve.model.layers import fused_ops, greedy_head, native, native_linear, sampler  # noqa: E402
+from shardserve.model.layers import sampler
+from shardserve.kernels.cpu import fused_ops, greedy_head, native, native_linear  # noqa: E402
 from shardserve.model.layers.attention import PagedAttention  # noqa: E402
 from shardserve.sampling_params import SamplingParams  # noqa: E402
 from shardserve.worker.malloc_tuning import keep_freed_memory  # noqa: E402

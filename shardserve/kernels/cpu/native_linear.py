@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from shardserve.model.layers import native
+from shardserve.kernels.cpu import native
 
 
 def preferred() -> bool:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from shardserve.model.layers import native
+from shardserve.kernels.cpu import native
 
 
 def supported() -> bool:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shardserve.distributed.parallel_state import ParallelContext
-from shardserve.model.layers import fused_ops, native
+from shardserve.kernels.cpu import fused_ops, native
 from shardserve.model.layers.norm import RMSNorm
 from shardserve.model.layers.rotary import RotaryEmbedding
 from shardserve.model.llama import LlamaMLP

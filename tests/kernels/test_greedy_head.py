@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardserve.model.layers import greedy_head, native_linear
+from shardserve.kernels.cpu import greedy_head, native_linear
 from shardserve.model.layers.sampler import SampleRequest, argmax_suffices
 from shardserve.sampling_params import SamplingParams
 

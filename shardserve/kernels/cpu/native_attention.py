@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from shardserve.model.layers import native
+from shardserve.kernels.cpu import native
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

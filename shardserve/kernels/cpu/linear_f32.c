@@ -9,7 +9,7 @@
  * read once per 8-row block (they stay in L2 too) by a register tile of 8 rows x 3 panels (24 accumulators,
  * broadcast x times one panel row per FMA), and while the first blocks run the next group's panels are
  * prefetched into L2, so the weights never stall the FMAs cold from DRAM: at M=64 (a batch-64 decode step)
- * this runs at 195-214 GFLOP/s with weights cold against oneDNN's 164-190 (benchmarks/kernels.py).
+ * this runs at 195-214 GFLOP/s with weights cold against oneDNN's 164-190 (benchmarks/kernel_timings.py).
  */
 /* -std=c11 turns off contracting a * b + c into one FMA; the GEMM is FMA-bound, so this file turns it back on. */
 #pragma GCC optimize("fp-contract=fast")

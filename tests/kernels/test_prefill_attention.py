@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shardserve.model.forward_batch import SeqChunk, build_forward_batch
-from shardserve.model.layers import attention, native, native_attention
+from shardserve.model.layers import attention
+from shardserve.kernels.cpu import native, native_attention
 from shardserve.model.layers.attention import PagedAttention
 
 PATHS = ["kernel", "stacked", "sdpa"]
