@@ -10,6 +10,7 @@ from shardserve.distributed import env
 from shardserve.model.layers.sharding import split_heads
 from shardserve.model.spec import ModelSpec
 
+QUANTIZATIONS = ("int8",)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
@@ -173,8 +174,15 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     seed: int = 0
+    quantization: str | None = None          # "int8": weight-only int8 made at load (dense checkpoints only)
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                             f"got {self.quantization!r}")
+        if self.quantization is not None and self.spec.format == "gguf":
+            raise ValueError(f"quantization={self.quantization!r} applies to Hugging Face checkpoints; a GGUF file "
+                             "is already quantized (its format is used as stored): drop quantization")
         limit = self.spec.max_position_embeddings
         if self.max_model_len < 1 or self.max_model_len > limit:
             raise ValueError(f"max_model_len must be in [1, {limit}] (the model's max_position_embeddings), "

@@ -133,6 +133,33 @@ def build_llama_gqa(folder: str, rope_scaling: bool = True) -> str:
     return _save_model(model, folder)
 
 
+def build_llama_bf16(folder: str) -> str:
+    """llama_gqa's weights (plain RoPE) stored as bfloat16 safetensors: dtype "auto" runs it in bfloat16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=5, num_key_value_heads=2, head_dim=16, intermediate_size=136,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      **{**_COMMON, "dtype": "bfloat16"})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float()
+    _init_weights(model, seed=1)
+    return _save_model(model.to(torch.bfloat16), folder)
+
+
+def build_llama_blocks(folder: str) -> str:
+    """Llama whose every matrix splits into whole 256-wide blocks on 2 TP ranks (for quantized GGUF twins):
+    2 layers, hidden 512, 4 heads / 2 kv heads, head_dim 128, intermediate 1024, vocab 1003, plain RoPE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, head_dim=128, intermediate_size=1024,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      **{**_COMMON, "hidden_size": 512})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float()
+    _init_weights(model, seed=4)
+    return _save_model(model, folder)
+
+
 def build_qwen2(folder: str) -> str:
     """Qwen2, 4 layers, 4 heads / 2 kv heads, intermediate 128, vocab 1003, tied embeddings, qkv bias."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -184,8 +211,23 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{_HF_TO_GGUF_LAYER['.'.join(mod)]}.{leaf}"
 
 
-def write_gguf_from_hf(hf_folder: str, out_file: str) -> str:
-    """Write an HF Llama folder (float32) as an F32 llama GGUF, with q/k permuted and the tokenizer embedded.
+def quantize_for_gguf(t: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
+    """A float32 tensor as GGUF type `qtype` ("F32", "Q8_0", "Q4_0", "Q4_K", ...): (data, GGML type). Like
+    llama-quantize, 1-D tensors and matrices whose rows are not whole blocks stay F32."""
+    import gguf
+    kind = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if qtype == "F32" or t.ndim != 2 or t.shape[1] % block:
+        return t, gguf.GGMLQuantizationType.F32
+    if qtype.endswith("_K"):
+        from kquants import quantize_k
+        return quantize_k(t, qtype), kind
+    return gguf.quants.quantize(t, kind), kind
+
+
+def write_gguf_from_hf(hf_folder: str, out_file: str, qtype: str = "F32") -> str:
+    """Write an HF Llama folder (float32) as a llama GGUF of `qtype` (quantize_for_gguf), with q/k permuted and
+    the tokenizer embedded.
 
     GGUF metadata cannot express the llama3 rope_scaling dict (llama.cpp stores a rope_freqs tensor
     instead); it is dropped, so pair this file with a folder built with rope_scaling=False.
@@ -247,7 +289,8 @@ def write_gguf_from_hf(hf_folder: str, out_file: str) -> str:
             t = permute_for_gguf(t, heads)
         elif name.endswith("k_proj.weight"):
             t = permute_for_gguf(t, kv)
-        w.add_tensor(_gguf_name(name), np.ascontiguousarray(t))
+        data, kind = quantize_for_gguf(np.ascontiguousarray(t), qtype)
+        w.add_tensor(_gguf_name(name), data, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -27,11 +27,12 @@ def check_parity(a: Run, b: Run, what: str = "") -> None:
     assert len(a.tokens) == len(b.tokens), f"{what}: lengths differ: {a.tokens} vs {b.tokens}"
 
 
-def hf_greedy(model_path: str, prompts: list[list[int]], max_tokens: int, gguf_file: str | None = None) -> list[Run]:
-    """HF transformers greedy generate, float32, one prompt at a time (no padding effects)."""
+def hf_greedy(model_path: str, prompts: list[list[int]], max_tokens: int, gguf_file: str | None = None,
+              dtype: torch.dtype = torch.float32) -> list[Run]:
+    """HF transformers greedy generate (float32 unless `dtype` says), one prompt at a time (no padding effects)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=dtype).eval()
     runs = []
     with torch.inference_mode():
         for ids in prompts:

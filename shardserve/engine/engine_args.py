@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from shardserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
-from shardserve.model.checkpoint import default_model_path, read_model_spec
+from shardserve.config import QUANTIZATIONS, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
+from shardserve.model.checkpoint import default_model_path, gguf_tensor_formats, read_model_spec
+from shardserve.model.layers.formats import check_format
 
 
 @dataclass
@@ -17,6 +18,7 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     device: str = "auto"                     # "auto" | "cpu" | "cuda"
     dtype: str = "auto"
+    quantization: str | None = None          # "int8": weight-only int8 with per-channel scales, made at load
     seed: int = 0
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -35,6 +37,9 @@ class EngineArgs:
     def create_config(self) -> EngineConfig:
         path = self.model or default_model_path()
         spec = read_model_spec(path)
+        if spec.format == "gguf":                    # refuse a tensor type with no kernel before any rank starts
+            for tensor, fmt in gguf_tensor_formats(spec.weights_path).items():
+                check_format(fmt, tensor)
         device = self.device
         if device == "auto":
             import torch
@@ -49,7 +54,7 @@ class EngineArgs:
         if spec.sliding_window is not None and max_len > spec.sliding_window:
             raise ValueError(f"max_model_len ({max_len}) exceeds the model's sliding_window ({spec.sliding_window}), "
                              "which shardserve does not implement; lower max_model_len")
-        model = ModelConfig(spec, resolve_dtype(self.dtype, spec, device), max_len, self.seed)
+        model = ModelConfig(spec, resolve_dtype(self.dtype, spec, device), max_len, self.seed, self.quantization)
         cache = CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                             enable_prefix_caching=self.enable_prefix_caching)
         batched = self.max_num_batched_tokens or max(2048, self.max_num_seqs)
@@ -66,6 +71,8 @@ class EngineArgs:
                             choices=["uni", "mp", "ray", "external_launcher"])
         parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATIONS),
+                            help="weight-only int8 with per-channel scales, made at load from a float checkpoint")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--max-model-len", type=int, default=None)
         parser.add_argument("--max-num-seqs", type=int, default=64)

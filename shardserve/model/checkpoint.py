@@ -270,6 +270,11 @@ def _gguf_spec(path: str) -> ModelSpec:
     )
 
 
+def gguf_tensor_formats(path: str) -> dict[str, str]:
+    """GGUF tensor name -> stored GGML type name, from the file's header (no tensor data read)."""
+    return {t.name: t.tensor_type.name for t in _gguf_reader(path).tensors}
+
+
 def _gguf_token_id(reader, token: str) -> int | None:
     """Id of `token` in the GGUF vocab (tokenizer.ggml.tokens), or None."""
     field = reader.fields.get("tokenizer.ggml.tokens")
@@ -417,6 +422,37 @@ class GGUFLazyTensor(LazyTensor):
                 out = _unpermute_rows(out, self._head_dim)
         return torch.from_numpy(np.array(out, dtype=np.float32))  # copy: never alias the mmap
 
+    @property
+    def format(self) -> str:
+        """The GGML type name as stored: "F32", "BF16", "Q4_1", ..."""
+        return self._qtype.name
+
+    def narrow_blocks(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """The stored bytes of rows [start, start + length) (dim 0) -> uint8 [length, row bytes], or of columns
+        [start, start + length) of every row (dim 1) -> uint8 [rows, length / block * block bytes]. Columns must
+        start and end on block boundaries, so a TP shard is cut along whole quantization blocks."""
+        if dim < 0:
+            dim += len(self.shape)
+        self._check(dim, start, length)
+        if len(self.shape) != 2:
+            raise ValueError(f"{self.name}: only 2-D tensors are kept as blocks, this one has shape {self.shape}")
+        raw = self._raw().view(np.uint8).reshape(self.shape[0], -1)       # [rows, row bytes]
+        if dim == 0:
+            out = raw[start:start + length]
+            if self._head_dim is not None:
+                if start % self._head_dim or length % self._head_dim:
+                    raise ValueError(f"{self.name}: rows {start}..{start + length} are not whole heads")
+                out = _unpermute_rows(out, self._head_dim)
+        else:
+            if start % self._block or length % self._block:
+                raise ValueError(f"{self.name}: columns {start}..{start + length} do not fall on its "
+                                 f"{self._block}-wide {self.format} blocks")
+            per_block = self._type_size
+            out = raw[:, start // self._block * per_block:(start + length) // self._block * per_block]
+            if self._head_dim is not None:
+                out = _unpermute_rows(out, self._head_dim)
+        return torch.from_numpy(np.array(out, dtype=np.uint8))          # copy: never alias the mmap
+
 
 # ----------------------------------------------------------------------------------------------
 # Readers
@@ -513,6 +549,14 @@ class CheckpointReader:
         if permuted is not None and len(t.shape) == 1:
             return _PermutedVector(GGUFLazyTensor(t), permuted)
         return GGUFLazyTensor(t, permuted)
+
+    def tensor_format(self, name: str) -> str:
+        """How `name` is stored: a GGML type name for GGUF ("F32", "Q8_0", ...), "dense" for safetensors."""
+        if self._kind == "safetensors":
+            return "dense"
+        if name not in self._tensors and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"                 # tied embeddings
+        return self._tensors[name].tensor_type.name
 
     def close(self) -> None:
         self._handles.clear()

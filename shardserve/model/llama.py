@@ -146,6 +146,15 @@ class LlamaForCausalLM(nn.Module):
         """[S, hidden] -> [S] int64 argmax of compute_logits' rows, without gathering them; tp_rank 0, else None."""
         return self.lm_head.greedy(hidden)
 
+    def share_tied_storage(self) -> None:
+        """Tied embeddings on a rank holding both ends: the embedding reads the LM head's rows (one copy), where
+        the head keeps them as loaded (blocks, or dense without a packed copy)."""
+        embed, head = self.model.embed_tokens, self.lm_head
+        if (self.spec.tie_word_embeddings and isinstance(embed, VocabParallelEmbedding)
+                and isinstance(head, ParallelLMHead) and embed.weight.shape == head.weight.shape
+                and embed.weight.dtype == head.weight.dtype and torch.equal(embed.weight, head.weight)):
+            embed.weight.data = head.weight.data
+
     def checkpoint_aliases(self) -> dict[str, str]:
         """Checkpoint names that feed an extra parameter: tied embeddings load the LM head too."""
         if self.spec.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead):

@@ -6,22 +6,49 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import ParallelContext
 from shardserve.model.checkpoint import open_checkpoint
+from shardserve.model.layers import formats
+from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.model.layers.linear import LinearBase, default_weight_loader
 from shardserve.model.registry import model_class
 from shardserve.model.spec import ModelSpec
 
 
 def load_model(spec: ModelSpec, ctx: ParallelContext, layer_range: tuple[int, int], dtype: torch.dtype,
-               prepack: bool = True) -> nn.Module:
-    """Allocate only this rank's shard (layers of other stages are placeholders) and fill it."""
+               quantization: str | None = None) -> nn.Module:
+    """Allocate only this rank's shard (layers of other stages are placeholders) in the formats the checkpoint
+    stores (or `quantization` asks for), fill it, and let each layer's method process what it loaded."""
+    reader = open_checkpoint(spec)
     with torch.device(ctx.device):
         model = model_class(spec.architecture)(spec, ctx, layer_range, dtype)
-    load_weights(model, open_checkpoint(spec))
-    if prepack and ctx.device.type == "cpu":
-        for module in model.modules():
-            if isinstance(module, LinearBase):
-                module.prepack()
+        choose_formats(model, reader, dtype, ctx.device, quantization)
+    load_weights(model, reader)
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    if hasattr(model, "share_tied_storage"):
+        model.share_tied_storage()
     return model.eval()
+
+
+def choose_formats(model: nn.Module, reader, dtype: torch.dtype, device: torch.device,
+                   quantization: str | None) -> None:
+    """Give each layer the method for what its checkpoint tensors hold (GGUF blocks stay blocks) before loading."""
+    parts_of = {}
+    for part, (fused, _) in getattr(model, "packed_modules_mapping", {}).items():
+        parts_of.setdefault(fused, []).append(part)
+    for name, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding):
+            fmt = reader.tensor_format(f"{name}.weight")
+            if fmt in formats.GGUF_BLOCK_FORMATS and device.type == "cpu":
+                module.use_format(fmt)
+        elif isinstance(module, LinearBase):
+            prefix, _, leaf = name.rpartition(".")
+            parts = [f"{prefix}.{part}.weight" for part in parts_of.get(leaf, [])] or [f"{name}.weight"]
+            fmts = [reader.tensor_format(part) for part in parts]
+            method = formats.method_for(fmts, dtype, device, None if isinstance(module, ParallelLMHead) else
+                                        quantization, name, gate_up=module.gate_up, k_slice=module.k_slice)
+            if type(method) is not type(module.method) or method.format != module.method.format:
+                module.use_method(method)
 
 
 def load_weights(model: nn.Module, reader) -> None:

@@ -63,7 +63,7 @@ class Worker:
         mc = self.config.model
         layer_range = layer_ranges(mc.spec.num_layers, self.config.parallel.pipeline_parallel_size)[self.ctx.pp_rank]
         torch.manual_seed(mc.seed)
-        model = load_model(mc.spec, self.ctx, layer_range, mc.dtype)
+        model = load_model(mc.spec, self.ctx, layer_range, mc.dtype, mc.quantization)
         self.runner = ModelRunner(model, self.config.cache.block_size, self.ctx.device, mc.dtype,
                                   mc.spec.eos_token_ids)
 
@@ -105,10 +105,17 @@ class Worker:
         """This rank's weight bytes (prepacked copies and the LM head's bf16 screen included) and peak resident
         memory so far."""
         model = self.runner.model
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        seen: set[int] = set()                          # tied weights share storage: count it once
+        weights = 0
+        for p in model.parameters():
+            if p.untyped_storage().data_ptr() not in seen:
+                seen.add(p.untyped_storage().data_ptr())
+                weights += p.numel() * p.element_size()
         for m in model.modules():
-            for copy in (getattr(m, "packed", None), getattr(getattr(m, "screen", None), "weight_bf16", None)):
-                weights += 0 if copy is None else copy.numel() * copy.element_size()
+            if hasattr(m, "method"):
+                weights += m.method.extra_bytes(m)
+            screen = getattr(getattr(m, "screen", None), "weight_bf16", None)
+            weights += 0 if screen is None else screen.numel() * screen.element_size()
         return {"rank": self.dist_init.rank, "weight_bytes": weights, "peak_rss_bytes": _status_bytes("VmHWM"),
                 "rss_bytes": _status_bytes("VmRSS")}
 

@@ -70,7 +70,7 @@ def test_layer_prepacks_into_panels(monkeypatch):
     w, b = torch.randn(37, 48, generator=gen), torch.randn(37, generator=gen)
     layer.weight.data.copy_(w)
     layer.bias.data.copy_(b)
-    layer.prepack()
+    layer.process_weights_after_loading()
     calls = []
     real = native_linear.linear
     monkeypatch.setattr(native_linear, "linear", lambda *a: calls.append(1) or real(*a))
@@ -115,7 +115,7 @@ def test_gate_up_layer(inter, fused):
     layer = MergedColumnParallelLinear(24, [inter, inter], ParallelGroup(ranks=[0], rank_in_group=0))
     w = torch.randn(2 * inter, 24, generator=gen)
     layer.weight.data.copy_(w)
-    layer.prepack()
+    layer.process_weights_after_loading()
     x = torch.randn(3, 24, generator=gen)
     assert layer.gate_up_silu == (fused and native_linear.preferred())
     torch.testing.assert_close(layer(x).double(), _expected(x, w, None), rtol=1e-5, atol=1e-4)   # [gate | up]

@@ -59,7 +59,7 @@ def vocab_embed_and_head(ctx, ids, emb, hidden):
     e.weight.weight_loader(e.weight, emb)
     head = ParallelLMHead(emb.shape[0], emb.shape[1], ctx.tp)
     head.weight.weight_loader(head.weight, emb)
-    head.prepack()
+    head.process_weights_after_loading()
     return e(ids), head(hidden)
 
 
@@ -67,7 +67,7 @@ def lm_head_logits_and_greedy(ctx, emb, hidden):
     from shardserve.model.layers.embedding import ParallelLMHead
     head = ParallelLMHead(emb.shape[0], emb.shape[1], ctx.tp)
     head.weight.weight_loader(head.weight, emb)
-    head.prepack()
+    head.process_weights_after_loading()
     return head(hidden), head.greedy(hidden)
 
 

@@ -81,8 +81,8 @@ class PagedAttention(nn.Module):
         def gather(cache: torch.Tensor) -> torch.Tensor:      # -> [B * Hk, L, hd]
             return cache.index_select(0, flat).view(bsz, width, hk, hd).transpose(1, 2).reshape(bsz * hk, width, hd)
 
-        keys, values = gather(self.k_cache), gather(self.v_cache)
+        keys, values = gather(self.k_cache).float(), gather(self.v_cache).float()    # float32 math for any cache
         scores = torch.baddbmm(batch.decode_bias.expand(bsz, hk, group, width).reshape(bsz * hk, group, width),
-                               q.reshape(bsz * hk, group, hd), keys.transpose(1, 2), alpha=self.scale)
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)      # [B * Hk, G, L]
-        torch.bmm(probs, values, out=out.view(bsz * hk, group, hd))
+                               q.reshape(bsz * hk, group, hd).float(), keys.transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1)                                # [B * Hk, G, L]
+        out.view(bsz * hk, group, hd).copy_(torch.bmm(probs, values))

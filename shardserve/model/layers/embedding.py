@@ -9,8 +9,9 @@ from torch import nn
 
 from shardserve.distributed.comm import all_reduce, gather_to_first
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.kernels.cpu import fused_ops, greedy_head
-from shardserve.model.layers.linear import LinearBase, copy_into
+from shardserve.kernels.cpu import fused_ops, greedy_head, quant_linear
+from shardserve.model.layers import formats
+from shardserve.model.layers.linear import LinearBase, copy_into, read_slice
 
 
 class VocabShard:
@@ -23,26 +24,47 @@ class VocabShard:
         self.end = min(self.start + self.padded, vocab_size)
         self.size = self.end - self.start                          # real rows on this rank (may be < padded)
 
-    def load(self, param: torch.Tensor, loaded) -> None:
-        param.data.zero_()                                         # padding rows stay zero
+    def load(self, param: torch.Tensor, loaded, read=read_slice) -> None:
+        """This rank's rows of a [vocab, ...] checkpoint tensor, cut by `read` (a format's reader)."""
+        param.data.zero_()                                         # padding rows stay zero (zero blocks too)
         if self.size:
-            copy_into(param.data.narrow(0, 0, self.size), loaded.narrow(0, self.start, self.size))
+            copy_into(param.data.narrow(0, 0, self.size), read(loaded, 0, self.start, self.size))
 
 
 class VocabParallelEmbedding(nn.Module):
+    """Token ids -> rows of this rank's vocab slice. Rows are stored dense in the activation dtype, or as GGUF
+    blocks (`use_format`), dequantized per looked-up row."""
+
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
         super().__init__()
-        self.tp, self.shard = tp, VocabShard(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(self.shard.padded, hidden_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = lambda param, loaded, shard_id=None: self.shard.load(param, loaded)
+        self.tp, self.shard, self.hidden_size, self.dtype = tp, VocabShard(vocab_size, tp), hidden_size, dtype
+        self.use_format("dense")
+
+    def use_format(self, fmt: str) -> None:
+        """Store rows as `fmt`: "dense" (the activation dtype) or a GGUF block format (formats.GGUF_BLOCK_FORMATS)."""
+        self.format = fmt
+        if fmt == "dense":
+            weight = torch.empty(self.shard.padded, self.hidden_size, dtype=self.dtype)
+            read, self.rows = read_slice, self._dense_rows
+        else:
+            weight = torch.empty(self.shard.padded, quant_linear.row_bytes(fmt, self.hidden_size), dtype=torch.uint8)
+            read, self.rows = formats.read_blocks, self._block_rows
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight.weight_loader = lambda param, loaded, shard_id=None: self.shard.load(param, loaded, read)
+
+    def _dense_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(local_ids, self.weight)
+
+    def _block_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        return quant_linear.dequantize_rows(self.weight, self.format, self.hidden_size, local_ids).to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden]; ids outside this rank's slice contribute zeros to the all-reduce."""
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.rows(input_ids)
         local = input_ids - self.shard.start
         mine = (local >= 0) & (local < self.shard.size)
-        out = F.embedding(torch.where(mine, local, 0), self.weight)
+        out = self.rows(torch.where(mine, local, 0))
         out = out * mine.unsqueeze(-1).to(out.dtype)
         return all_reduce(out, self.tp)
 
@@ -53,13 +75,13 @@ class ParallelLMHead(LinearBase):
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
         self.tp, self.shard = tp, VocabShard(vocab_size, tp)
         super().__init__(hidden_size, self.shard.padded, False, dtype)
-        self.screen: greedy_head.GreedyScreen | None = None              # built by prepack() where supported
+        self.screen: greedy_head.GreedyScreen | None = None              # built after loading where supported
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        self.shard.load(param, loaded)
+        self.shard.load(param, loaded, self.method.read)
 
-    def prepack(self) -> None:
-        super().prepack()
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
         if self.packed_rows and self.shard.size and greedy_head.supported():
             self.screen = greedy_head.GreedyScreen(self.packed, self.shard.size)
 

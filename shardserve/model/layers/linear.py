@@ -8,12 +8,11 @@ reads only its slice.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.comm import all_reduce
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.kernels.cpu import native_linear
+from shardserve.model.layers import formats
 from shardserve.model.layers.sharding import HeadShard, shard_range, split_heads
 
 
@@ -37,51 +36,47 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 
 class LinearBase(nn.Module):
-    """y = x W^T (+ b). After loading, `prepack()` reorders a CPU weight for a faster GEMM and releases the plain
-    copy: float32 into the C kernel's 16-column panels where it is preferred (AVX-512), else oneDNN's layout."""
+    """y = x W^T (+ b). The weight's format is a method object (formats.py): the dense one for the dtype and
+    device when built, replaced by `use_method` when the loader finds the checkpoint stores another format.
+    `process_weights_after_loading()` runs once after the weights are in (packing, quantizing)."""
+
+    gate_up = False                 # MergedColumnParallelLinear: the weight is [gate | up]
+    k_slice: tuple[int, int] | None = None      # (start, size) of the input columns this rank holds; None: all
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.packed: torch.Tensor | None = None     # set by methods that reorder the weight
+        self.packed_rows = 0                        # N of a weight packed into panels (PanelF32Method), else 0
+        self.use_method(formats.dense_method(dtype, torch.get_default_device(), self.gate_up))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.bias_loader
         else:
             self.bias = None
-        self.packed: torch.Tensor | None = None
-        self.packed_rows = 0                    # N of the weight packed into panels (0: oneDNN's layout or none)
+
+    def use_method(self, method: formats.LinearMethod) -> None:
+        """Store and apply the weight with `method` (before loading: it creates the parameter)."""
+        self.method = method
+        method.create_weights(self)
+        self.weight.weight_loader = self.weight_loader
+
+    @property
+    def gate_up_silu(self) -> bool:
+        """True when the method fuses silu(gate) * up into the GEMM (gate_up layers packed in panel pairs)."""
+        return getattr(self.method, "gate_up_silu", False)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        default_weight_loader(param, loaded)
+        copy_into(param, self.method.read_full(loaded))
 
     def bias_loader(self, param, loaded, shard_id=None) -> None:
-        self.weight_loader(param, loaded, shard_id)
+        copy_into(param, read_full(loaded))
 
-    def prepack(self) -> None:
-        """Reorder the weight for the CPU GEMM (fp32/bf16); the plain copy is released."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.numel() == 0:
-            return
-        if w.dtype == torch.float32 and native_linear.preferred():
-            self.packed, self.packed_rows = self.pack_panels(w.data), w.shape[0]
-        elif torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.data, None)
-        else:
-            return
-        self.weight.data = torch.empty(0, dtype=w.dtype)
-
-    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
-        """The float32 weight [N, K] in the panel GEMM's layout (native_linear.pack)."""
-        return native_linear.pack(weight)
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_rows:
-            return native_linear.linear(x, self.packed, bias, self.packed_rows)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        return F.linear(x, self.weight, bias)
+        return self.method.apply(self, x, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -107,10 +102,16 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, sum(size for _, size in self.shards), bias, dtype)
 
     def weight_loader(self, param, loaded, shard_id: int | str | None = None) -> None:
+        self._load_rows(param, loaded, shard_id, self.method.read)
+
+    def bias_loader(self, param, loaded, shard_id: int | str | None = None) -> None:
+        self._load_rows(param, loaded, shard_id, read_slice)
+
+    def _load_rows(self, param, loaded, shard_id, read) -> None:
         index = 0 if shard_id is None else self.shard_index(shard_id)
         start, size = self.shards[index]
         offset = sum(s for _, s in self.shards[:index])
-        copy_into(param.data.narrow(0, offset, size), read_slice(loaded, 0, start, size))
+        copy_into(param.data.narrow(0, offset, size), read(loaded, 0, start, size))
 
     def shard_index(self, shard_id: int | str) -> int:
         return int(shard_id)
@@ -120,27 +121,14 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """gate_proj and up_proj in one matmul: local output = [gate shard | up shard]. Where the panel GEMM is
-    preferred and the shard is a multiple of 16 wide, the weight is packed in (gate, up) panel pairs so that
-    `silu_and_mul` takes silu(gate) * up straight from the GEMM (linear_silu_f32)."""
+    """gate_proj and up_proj in one matmul: local output = [gate shard | up shard]. A method may fuse the activation
+    (`silu_and_mul`: PanelF32Method packs 16-column aligned shards in (gate, up) panel pairs)."""
 
-    gate_up_silu = False
-
-    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
-        if (weight.shape[0] // 2) % 16 == 0 and len(self.shards) == 2:        # gate and up 16-column aligned
-            self.gate_up_silu = True
-            return native_linear.pack_gate_up(weight)
-        return super().pack_panels(weight)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = super().matmul(x, bias)
-        return native_linear.gate_up_columns(out) if self.gate_up_silu else out
+    gate_up = True
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up [.., I] from one fused GEMM when the weight is packed for it, else None."""
-        if not self.gate_up_silu:
-            return None
-        return native_linear.silu_linear(x, self.packed, self.packed_rows // 2)
+        """silu(gate) * up [.., I] from one fused GEMM when the method has one, else None."""
+        return self.method.silu_and_mul(self, x)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -169,14 +157,11 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False,
                  dtype=torch.float32, shard: tuple[int, int] | None = None):
         self.tp = tp
-        self.shard = shard or shard_range(input_size, tp.size, tp.rank_in_group)
+        self.shard = self.k_slice = shard or shard_range(input_size, tp.size, tp.rank_in_group)
         super().__init__(self.shard[1], output_size, bias, dtype)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        copy_into(param, read_slice(loaded, 1, *self.shard))
-
-    def bias_loader(self, param, loaded, shard_id=None) -> None:
-        copy_into(param, read_full(loaded))
+        copy_into(param, self.method.read(loaded, 1, *self.shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins the partial sum on tp_rank 0 only, so the all-reduce adds it exactly once.
