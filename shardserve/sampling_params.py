@@ -24,6 +24,7 @@ class SamplingParams:
     max_tokens: int | None = 16          # None = up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None          # top-k logprobs per generated token (sampled token always included)
+    prompt_logprobs: int | None = None   # top-k logprobs per prompt token (the prompt token always included)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -63,6 +64,9 @@ class SamplingParams:
             raise bad("min_tokens", "an integer >= 0")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "an integer in [0, 20] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

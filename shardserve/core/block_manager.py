@@ -89,6 +89,13 @@ class BlockManager:
             parent = h
         return hit, len(hit) * bs
 
+    def prefix_hit(self, seq: Sequence) -> tuple[list[int], int]:
+        """match_prefix for a sequence's first allocation: none for one that needs logits at every prompt
+        position (prompt_logprobs), since cached positions are not run."""
+        if seq.needs_prompt_logits:
+            return [], 0
+        return self.match_prefix(seq.all_token_ids)
+
     # -- allocation --------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make seq.block_ids cover num_computed_tokens + num_new_tokens tokens. On a sequence's first
@@ -99,7 +106,7 @@ class BlockManager:
         first = not seq.block_ids
         if first:
             assert seq.num_computed_tokens == 0, f"{seq.seq_id}: computed tokens without blocks"
-            hit_ids, hit_tokens = self.match_prefix(seq.all_token_ids)
+            hit_ids, hit_tokens = self.prefix_hit(seq)
         num_covered = (hit_tokens if first else seq.num_computed_tokens) + num_new_tokens
         num_have = len(hit_ids) if first else len(seq.block_ids)
         num_new_blocks = max(0, self.blocks_needed(num_covered) - num_have)

@@ -19,6 +19,9 @@ class NewRequestData:
     seed: int                        # effective seed for this sequence's sampling noise
     block_ids: list[int]             # its whole block table
     num_computed_tokens: int         # tokens whose KV is already in the cache (prefix-cache hit), block aligned
+    # the last stage returns prompt logprobs for the prompt positions this sequence runs (needs
+    # sampling_params.prompt_logprobs; set for the first sequence of a request, until it has outputs)
+    want_prompt_logprobs: bool = False
 
 
 @dataclass
@@ -50,6 +53,17 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # req_id -> (logprob of the sampled token, [(token_id, logprob)] top-k, descending); only if asked.
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    # req_id -> the prompt logprobs of the prompt positions its chunk covered this step; only if asked.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens start .. start + N - 1 (start >= 1), each given the tokens before it."""
+    start: int                                   # prompt position of the first entry
+    token_logprobs: list[float]                  # [N] logprob of the prompt token itself
+    ranks: list[int]                             # [N] its 1-based rank in the distribution
+    top: list[list[tuple[int, float]]]          # [N][k] top-k (token, logprob), descending
 
 
 # ---- what the user gets back (vLLM-compatible shapes) ------------------------------------------------
@@ -84,3 +98,5 @@ class RequestOutput:
     error: str | None = None                    # set when the request failed (finish_reason "error")
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)  # arrival_time, first_token_time, finished_time
+    # per prompt token (None for the first): the prompt token plus the top-k; None unless asked
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

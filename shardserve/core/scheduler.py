@@ -163,7 +163,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not blocks_short and len(batch) < cap
                and len(self.running) < self.max_num_seqs * self.max_in_flight):
             seq = self.waiting[0]
-            _, hit = self.block_manager.match_prefix(seq.all_token_ids)
+            _, hit = self.block_manager.prefix_hit(seq)
             num_new = min(seq.num_tokens - hit, budget)
             if not self.block_manager.allocate(seq, num_new):
                 break
@@ -188,7 +188,8 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     req_id=seq.seq_id, prompt_token_ids=list(seq.prompt_token_ids),
                     output_token_ids=list(seq.output_token_ids), sampling_params=seq.sampling_params,
-                    seed=seq.seed, block_ids=list(seq.block_ids), num_computed_tokens=seq.num_computed_tokens))
+                    seed=seq.seed, block_ids=list(seq.block_ids), num_computed_tokens=seq.num_computed_tokens,
+                    want_prompt_logprobs=seq.needs_prompt_logits))
                 seq.needs_full_send = False
             else:
                 out.cached_requests.append(CachedRequestData(

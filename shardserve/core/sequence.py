@@ -101,6 +101,12 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """True while this sequence must compute logits at every prompt position (prompt_logprobs asked, the
+        request's first sequence, no output yet): it takes no prefix-cache hit, whose positions would give none."""
+        return self.sampling_params.prompt_logprobs is not None and self.index == 0 and not self.output_token_ids
+
+    @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 

@@ -37,6 +37,8 @@ class _Request:
     first_token_time: float | None = None
     error: str | None = None
     stop_buffer: int = 0                     # chars held back while a stop string may still be forming
+    # per prompt token: None (the first; and any not yet computed) or the prompt token plus top-k; None if not asked
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -118,7 +120,8 @@ class LLMEngine:
         want_lp = params.logprobs is not None
         req = _Request(request_id, text, list(token_ids), params, seqs, detoks, [""] * params.n,
                        [[] if want_lp else None for _ in seqs], [0.0 if want_lp else None for _ in seqs], arrival,
-                       stop_buffer=max((len(s) for s in params.stop), default=1) - 1)
+                       stop_buffer=max((len(s) for s in params.stop), default=1) - 1,
+                       prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(token_ids))
         self.requests[request_id] = req
         for seq in seqs:
             self.scheduler.add(seq)
@@ -151,7 +154,7 @@ class LLMEngine:
             self._advance_pp_stages()
         if not self.in_flight or (sched is not None and len(self.in_flight) < self.executor.max_concurrent_batches):
             return []
-        sched, future, _ = self.in_flight.popleft()
+        sched, future, step_seqs = self.in_flight.popleft()
         try:
             runner_out: ModelRunnerOutput = future.result()
         except Exception as exc:
@@ -159,6 +162,8 @@ class LLMEngine:
             raise
         self.num_steps += 1
         updated = self.scheduler.update(sched, runner_out)
+        if runner_out.prompt_logprobs:
+            self._process_prompt_logprobs(step_seqs, runner_out)
         touched = self._process(updated, runner_out)
         return [self._make_output(req) for req in touched]
 
@@ -199,6 +204,26 @@ class LLMEngine:
             touched[req.request_id] = req
         return list(touched.values())
 
+    def _process_prompt_logprobs(self, seqs: list[Sequence], runner_out: ModelRunnerOutput) -> None:
+        """Store the prompt logprobs a step computed, by prompt position (a recomputed position overwrites)."""
+        for seq in seqs:
+            got = runner_out.prompt_logprobs.get(seq.seq_id)
+            req = self.requests.get(seq.request_id)
+            if got is None or req is None or req.prompt_logprobs is None:
+                continue
+            ids = req.prompt_token_ids
+            for i, (lp, rank, top) in enumerate(zip(got.token_logprobs, got.ranks, got.top)):
+                pos = got.start + i
+                token = ids[pos]
+                # vLLM's order: the prompt token first, then the top-k by rank
+                entry = {token: Logprob(lp, rank=rank, decoded_token=self._decode_one(token))}
+                for r, (t, v) in enumerate(top):
+                    entry.setdefault(t, Logprob(v, rank=r + 1, decoded_token=self._decode_one(t)))
+                req.prompt_logprobs[pos] = entry
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     def _check_stop_strings(self, req: _Request, seq: Sequence, delta_len: int) -> None:
         text, i = req.texts[seq.index], seq.index
         window = delta_len + req.stop_buffer + 1
@@ -226,8 +251,9 @@ class LLMEngine:
         if finished:
             metrics["finished_time"] = time.time()
             self.requests.pop(req.request_id, None)
+        prompt_logprobs = None if req.prompt_logprobs is None else list(req.prompt_logprobs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.error,
-                             max(s.num_cached_prompt_tokens for s in req.seqs), metrics)
+                             max(s.num_cached_prompt_tokens for s in req.seqs), metrics, prompt_logprobs)
 
     # ---- failure and shutdown -----------------------------------------------------------------------
     def _die(self, exc: Exception) -> None:

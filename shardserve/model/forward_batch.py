@@ -61,7 +61,9 @@ class ForwardBatch:
         segs = self.prefill_plan[0].clone()
         sampled = set(self.logits_indices.tolist()) if self.logits_indices is not None else set()
         for row in segs:
-            last = int(row[0] + row[1] - 1)
+            first, last = int(row[0]), int(row[0] + row[1] - 1)
+            if first in sampled and row[1] > 1:          # a chunk whose every row is read (SeqChunk.all_logits)
+                continue
             row[0], row[1] = (last, 1) if last in sampled else (row[0], 0)
         return segs
 
@@ -73,6 +75,7 @@ class SeqChunk:
     start: int
     block_ids: list[int]
     sample: bool                        # this chunk ends at the sequence's last known token
+    all_logits: bool = False            # every row's hidden state is read (prompt logprobs), not just the last
 
 
 def build_forward_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> ForwardBatch:
@@ -86,7 +89,9 @@ def build_forward_batch(chunks: list[SeqChunk], block_size: int, device: torch.d
         ids += chunk.token_ids
         pos += range(start, start + n)
         slots += [_slot(chunk.block_ids, p, block_size) for p in range(start, start + n)]
-        if chunk.sample:
+        if chunk.all_logits:
+            logits_rows += range(first, first + n)
+        elif chunk.sample:
             logits_rows.append(first + n - 1)
         if n == 1 and start > 0 and not prefills:
             decode.append(chunk)

@@ -103,6 +103,31 @@ def test_n_and_logprobs(client):
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
+def test_prompt_logprobs_extra_field(server, client, offline):
+    # vLLM's extra field: each completion choice (and a chat response, top level) carries `prompt_logprobs`
+    expected = offline.generate(PROMPT, greedy(max_tokens=2, prompt_logprobs=2), use_tqdm=False)[0]
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0,
+                                     extra_body={"prompt_logprobs": 2})
+    got = resp.choices[0].model_extra["prompt_logprobs"]
+    assert len(got) == len(expected.prompt_token_ids) and got[0] is None
+    for entry, want, token in zip(got[1:], expected.prompt_logprobs[1:], expected.prompt_token_ids[1:]):
+        assert set(entry) == {str(t) for t in want} and str(token) in entry
+        for t, lp in want.items():
+            assert abs(entry[str(t)]["logprob"] - lp.logprob) < 1e-4 and entry[str(t)]["rank"] == lp.rank
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          temperature=0, extra_body={"prompt_logprobs": 0})
+    chat_lps = chat.model_extra["prompt_logprobs"]
+    assert chat_lps[0] is None and all(len(e) == 1 for e in chat_lps[1:])
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    for body in ({"model": "tiny", "prompt": PROMPT, "prompt_logprobs": -1},
+                 {"model": "tiny", "prompt": PROMPT, "prompt_logprobs": 21},
+                 {"model": "tiny", "prompt": PROMPT, "prompt_logprobs": 1, "stream": True}):
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=h, timeout=60)
+        assert r.status_code == 400 and "prompt_logprobs" in r.text, r.text
+
+
 def test_models_tokenize_detokenize_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     h = {"Authorization": f"Bearer {API_KEY}"}

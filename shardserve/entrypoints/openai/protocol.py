@@ -57,6 +57,14 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extra field: per prompt token, its logprob plus the top-k (returned as `prompt_logprobs`)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _no_streamed_prompt_logprobs(self):
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`")
+        return self
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -65,7 +73,8 @@ class _Sampling(_Request):
             min_p=self.min_p or 0.0, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
-            max_tokens=self.max_tokens or default_max_tokens, logprobs=logprobs)
+            max_tokens=self.max_tokens or default_max_tokens, logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs)
 
 
 class CompletionRequest(_Sampling):

@@ -222,6 +222,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             for c in out.outputs:
                 lp = R.completion_logprobs(tokenizer, c, 0, len(echo[i]))
                 choices.append(R.completion_choice(i * n + c.index, echo[i] + c.text, lp, c.finish_reason))
+                if req.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = _prompt_logprobs_json(out)
             metrics.observe(out)
         body = R.base("text_completion", request_id, served_model_name)
         body.update(choices=choices, usage=R.usage(*R.count_tokens(finals)))
@@ -252,9 +254,20 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
                    for c in final.outputs]
         body = R.base("chat.completion", request_id, served_model_name)
         body.update(choices=choices, usage=R.usage(*R.count_tokens([final])))
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs_json(final)
         return body
 
     return app
+
+
+def _prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()} for entry in out.prompt_logprobs]
 
 
 def _default_max(ids: list[int], max_len: int) -> int:

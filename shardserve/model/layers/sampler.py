@@ -204,3 +204,20 @@ def _top_logprobs(raw: torch.Tensor, tokens: list[int], ks: list[int]) -> list[t
     top = torch.topk(raw, kmax, dim=-1) if kmax > 0 else None
     ids, vals = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(ks), [[]] * len(ks))
     return [(c, list(zip(ids[i][:k], vals[i][:k]))) for i, (c, k) in enumerate(zip(chosen, ks))]
+
+
+def target_logprobs(logits: torch.Tensor, targets: list[int], k: int
+                    ) -> tuple[list[float], list[int], list[list[tuple[int, float]]]]:
+    """logits [N, V] (any float dtype; log_softmax in float32) and one target token per row -> per row: the
+    target's logprob, its 1-based rank (1 + tokens strictly more likely, as vLLM), and the top-k (token, logprob)
+    pairs, descending (empty for k = 0). Prompt logprobs: row i predicts targets[i]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)                                    # [N, V]
+    index = torch.tensor(targets, dtype=torch.int64, device=lp.device)[:, None]      # [N, 1]
+    chosen = lp.gather(1, index)                                                      # [N, 1]
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    if k > 0:
+        top = torch.topk(lp, min(k, lp.shape[1]), dim=-1)                             # [N, k]
+        pairs = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    else:
+        pairs = [[] for _ in targets]
+    return chosen.squeeze(1).tolist(), ranks, pairs
