@@ -260,7 +260,7 @@ def _gguf_spec(path: str) -> ModelSpec:
         max_position_embeddings=int(_gguf_field(reader, p + "context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        checkpoint_dtype="float32",
+        checkpoint_dtype=_gguf_float_dtype(reader),
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=tuple(eos),
         format="gguf",
@@ -268,6 +268,13 @@ def _gguf_spec(path: str) -> ModelSpec:
         sliding_window=int(sliding) if sliding else None,
         extra=extra,
     )
+
+
+def _gguf_float_dtype(reader) -> str:
+    """The activation dtype "auto" means for a GGUF file: bfloat16 / float16 when every matrix is stored so,
+    float32 otherwise (F32 files, and quantized ones, whose kernels take float32 activations)."""
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(kinds), "float32")
 
 
 def gguf_tensor_formats(path: str) -> dict[str, str]:
@@ -376,10 +383,6 @@ class GGUFLazyTensor(LazyTensor):
         if permuted_head_dim is not None:
             assert len(self.shape) == 2 and self.shape[0] % permuted_head_dim == 0, (self.name, self.shape)
 
-    @property
-    def _quantized(self) -> bool:
-        return self._block > 1
-
     def _raw(self) -> np.ndarray:
         # 2-D: [rows, cols] for F32/F16/BF16, [rows, bytes_per_row] uint8 for quantized types.
         data = self._t.data
@@ -397,7 +400,7 @@ class GGUFLazyTensor(LazyTensor):
         self._check(dim, start, length)
         raw = self._raw()
         if len(self.shape) == 1:
-            out = self._dequant(raw[start:start + length]) if not self._quantized else \
+            out = self._dequant(raw[start:start + length]) if raw.dtype != np.uint8 else \
                 self._dequant(raw).reshape(-1)[start:start + length]
             return torch.from_numpy(np.array(out, dtype=np.float32))
         if dim == 0:
@@ -410,8 +413,8 @@ class GGUFLazyTensor(LazyTensor):
             if hd is not None:
                 out = _unpermute_rows(out, hd)
         else:
-            if self._quantized:
-                # only dequantize the blocks covering columns [start, start+length)
+            if raw.dtype == np.uint8:
+                # stored as bytes (quantized blocks, BF16): dequantize the blocks covering [start, start+length)
                 b0, b1 = start // self._block, -(-(start + length) // self._block)
                 cols = self._dequant(raw[:, b0 * self._type_size:b1 * self._type_size])  # [rows, (b1-b0)*block]
                 off = start - b0 * self._block
