@@ -1,4 +1,4 @@
-"""Quantized linear kernels (quant_linear.c) against the float32 panel GEMM, weights cold, on SmolLM2-like shapes.
+"""Quantized linear kernels (quant_linear.c, float32 activations) vs the float32 panel GEMM, weights cold.
 
 usage: .venv/bin/python benchmarks/quant_gemm.py [--threads 2] [--rounds 7] [--formats Q8_0,Q4_0,...]
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from shardserve.kernels.cpu import native, native_linear, quant_linear  # noqa: E402
 
-SHAPES = [(576, 1536), (1536, 576), (576, 576)]          # (K, N): up/gate, down, q/o projections
+SHAPES = [(576, 3072), (1536, 576), (576, 576)]          # (K, N): gate_up, down, q/o projections
 HEAD = (576, 49152)                                     # the LM head, Q8_0 only
 COLD_BYTES = 192 << 20                                  # cycle over copies totalling this (> L3)
 
@@ -83,8 +83,8 @@ def main() -> None:
             for _ in range(reps):
                 call()
             times[cfg].append((time.perf_counter() - start) / reps)
-    vnni = bool(native.lib().quant_linear_vnni())
-    print(f"threads={args.threads} rounds={args.rounds} vnni={vnni} (medians; weights cold: "
+    avx512 = bool(native.lib().quant_linear_avx512())
+    print(f"threads={args.threads} rounds={args.rounds} avx512={avx512} (medians; weights cold: "
           f"{COLD_BYTES >> 20} MiB of copies cycled)")
     print(f"{'K':>5} {'N':>6} {'format':>6} {'MB':>7} | {'M=1 ms':>8} {'GB/s':>6} {'vs f32':>6} | "
           f"{'M=64 ms':>8} {'GB/s':>6} {'vs f32':>6}")

@@ -95,7 +95,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if self.last_stage else PPMissingLayer()
         self.own_layers = tuple(self.layers[self.start_layer:self.end_layer])   # sliced once, not per step
         self.tp = ctx.tp
-        self.native: NativeDecoder | None | bool = False      # False: not decided yet (weights are packed later)
+        self.native: NativeDecoder | None = None               # chosen after loading, once the weights are packed
+
+    def process_weights_after_loading(self) -> None:
+        """Run this stage's layers in one C call per step where their methods allow it (float32 panels)."""
+        supported = NativeDecoder.supports(self.own_layers)
+        self.native = NativeDecoder(self.own_layers, self.tp) if supported else None
 
     def forward(self, batch: ForwardBatch, intermediate: dict[str, torch.Tensor] | None):
         """First stage: token ids -> hidden; others: {"hidden_states", "residual"} [T, hidden] from the
@@ -106,10 +111,7 @@ class LlamaModel(nn.Module):
             x, residual = self.embed_tokens(batch.input_ids), None
         else:
             x, residual = intermediate["hidden_states"], intermediate["residual"]
-        if self.native is False:
-            supported = NativeDecoder.supports(self.own_layers)
-            self.native = NativeDecoder(self.own_layers, self.tp) if supported else None
-        if self.native is not None and self.native.applies(x):
+        if self.native is not None:
             x, residual = self.native.run(x, residual, batch, sampled_only=self.last_stage)
         else:
             for layer in self.own_layers:
@@ -146,9 +148,9 @@ class LlamaForCausalLM(nn.Module):
         """[S, hidden] -> [S] int64 argmax of compute_logits' rows, without gathering them; tp_rank 0, else None."""
         return self.lm_head.greedy(hidden)
 
-    def share_tied_storage(self) -> None:
+    def process_weights_after_loading(self) -> None:
         """Tied embeddings on a rank holding both ends: the embedding reads the LM head's rows (one copy), where
-        the head keeps them as loaded (blocks, or dense without a packed copy)."""
+        the head keeps them as loaded (blocks, or dense without a packed copy). Runs after the children's."""
         embed, head = self.model.embed_tokens, self.lm_head
         if (self.spec.tie_word_embeddings and isinstance(embed, VocabParallelEmbedding)
                 and isinstance(head, ParallelLMHead) and embed.weight.shape == head.weight.shape

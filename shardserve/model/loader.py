@@ -22,11 +22,9 @@ def load_model(spec: ModelSpec, ctx: ParallelContext, layer_range: tuple[int, in
         model = model_class(spec.architecture)(spec, ctx, layer_range, dtype)
         choose_formats(model, reader, dtype, ctx.device, quantization)
     load_weights(model, reader)
-    for module in model.modules():
+    for module in reversed(list(model.modules())):             # children before the modules holding them
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
-    if hasattr(model, "share_tied_storage"):
-        model.share_tied_storage()
     return model.eval()
 
 

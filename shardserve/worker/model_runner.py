@@ -65,8 +65,8 @@ class ModelRunner:
         """
         slots = num_blocks * self.block_size
         for attn in self.attn_layers:
-            attn.k_cache = torch.zeros(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros_like(attn.k_cache)
+            k_cache = torch.zeros(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+            attn.bind_cache(k_cache, torch.zeros_like(k_cache))
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

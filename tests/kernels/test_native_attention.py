@@ -23,8 +23,8 @@ def _decode_step(heads: int, kv_heads: int, head_dim: int, lengths: list[int], b
     free = list(range(1, num_blocks))
     rng.shuffle(free)                                        # contexts scattered over the cache, as after churn
     attn = PagedAttention(heads, kv_heads, head_dim, head_dim ** -0.5)
-    attn.k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
-    attn.v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
+    attn.bind_cache(torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen),
+                    torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen))
     chunks = []
     for n, nb in zip(lengths, blocks_each):
         owned, free = free[:nb], free[nb:]
@@ -45,9 +45,9 @@ def test_kernel_equals_torch_path(monkeypatch, heads, kv_heads, head_dim, block_
     attn, batch, q, k, v = _decode_step(heads, kv_heads, head_dim, lengths, block_size, seed=heads * 100 + block_size)
     caches = attn.k_cache.clone(), attn.v_cache.clone()
     fused = attn(q, k, v, batch)
-    attn.k_cache, attn.v_cache = caches
     monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
     assert not native.available()
+    attn.bind_cache(*caches)                                 # bound with the kernels off: the torch path
     reference = attn(q, k, v, batch)
     assert fused.shape == reference.shape == (len(lengths), heads * head_dim)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=2e-6)
@@ -61,8 +61,8 @@ def test_every_sequence_done_once_whatever_the_thread_split(monkeypatch, threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     caches = attn.k_cache.clone(), attn.v_cache.clone()
     fused = attn(q, k, v, batch)
-    attn.k_cache, attn.v_cache = caches
     monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+    attn.bind_cache(*caches)
     torch.testing.assert_close(fused, attn(q, k, v, batch), rtol=1e-5, atol=2e-6)
 
 

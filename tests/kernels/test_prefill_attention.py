@@ -50,8 +50,8 @@ def test_prefill_matches_reference(monkeypatch, path, heads, kv_heads, start, n)
     ctx = start + n
     blocks = list(range(1, -(-ctx // block_size) + 1))
     attn = PagedAttention(heads, kv_heads, hd, hd ** -0.5)
-    attn.k_cache = torch.zeros((len(blocks) + 1) * block_size, kv_heads, hd)
-    attn.v_cache = torch.zeros_like(attn.k_cache)
+    attn.bind_cache(torch.zeros((len(blocks) + 1) * block_size, kv_heads, hd),
+                    torch.zeros((len(blocks) + 1) * block_size, kv_heads, hd))
     k_all = torch.randn(ctx, kv_heads, hd, generator=gen)
     v_all = torch.randn(ctx, kv_heads, hd, generator=gen)
     attn.k_cache[block_size: block_size + start] = k_all[:start]       # the cached prefix (blocks 1, 2, ...)
@@ -77,8 +77,8 @@ def test_step_of_several_chunks_matches_reference(monkeypatch, restore_threads, 
     lengths = decode_ctx + [s + n for s, n in chunks_spec]
     free = torch.randperm(sum(-(-c // block_size) for c in lengths) + 8, generator=gen).add(1).tolist()
     attn = PagedAttention(heads, kv_heads, hd, scale)
-    attn.k_cache = torch.zeros((len(free) + 1) * block_size, kv_heads, hd)
-    attn.v_cache = torch.zeros_like(attn.k_cache)
+    attn.bind_cache(torch.zeros((len(free) + 1) * block_size, kv_heads, hd),
+                    torch.zeros((len(free) + 1) * block_size, kv_heads, hd))
     seqs = []                       # (chunk, full K, full V, cached tokens)
     for ctx, cached in zip(lengths, [c - 1 for c in decode_ctx] + [s for s, _ in chunks_spec]):
         blocks = [free.pop() for _ in range(-(-ctx // block_size))]
@@ -113,7 +113,7 @@ def test_path_choice(monkeypatch):
     real_bmm = torch.bmm
     monkeypatch.setattr(attention.torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
     attn = PagedAttention(4, 2, 16, 0.25)
-    attn.k_cache, attn.v_cache = torch.zeros(64, 2, 16), torch.zeros(64, 2, 16)
+    attn.bind_cache(torch.zeros(64, 2, 16), torch.zeros(64, 2, 16))
     batch = build_forward_batch([SeqChunk([1] * 10, 0, [1, 2], sample=True)], 8, torch.device("cpu"))
     args = (torch.randn(10, 4, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16), batch)
     if native.available():
@@ -121,6 +121,7 @@ def test_path_choice(monkeypatch):
         assert calls == ["kernel"]
         calls.clear()
     monkeypatch.setenv("SHARDSERVE_CPU_KERNELS", "torch")
+    attn.bind_cache(torch.zeros(64, 2, 16), torch.zeros(64, 2, 16))          # the path is chosen when bound
     attn(*args)
     assert calls == ["bmm"]
     monkeypatch.setattr(attention, "_STACKED_MAX_SCORES", 99)                  # 10 x 10 > 99: SDPA

@@ -44,7 +44,7 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "top_p_filter_f32": (None, [_P, _I, _I, _I, _P, _P, ctypes.c_int]),
     "top_k_filter_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
     "greedy_head_f32": (_I, [_P, _I, _I, _I, _P, _P, _P, _I, _I] + [_P] * 8 + [ctypes.c_int]),
-    "quant_linear_vnni": (ctypes.c_int, []),
+    "quant_linear_avx512": (ctypes.c_int, []),
     "quant_linear_f32": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int] * 2),
     "quant_dequant_rows_f32": (ctypes.c_int, [_P, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]),
 }

@@ -23,12 +23,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
-def prefill_applies(q: torch.Tensor, num_kv_heads: int) -> bool:
-    """The prefill kernel takes float32 CPU queries [T, Hq, hd] with hd a multiple of 16 and up to 64 query heads
-    per kv head, heads contiguous within a row."""
-    _, hq, hd = q.shape
-    return (native.applies(q) and hd % 16 == 0 and hq // num_kv_heads <= 64 and q.stride(2) == 1
-            and q.stride(1) == hd)
+def prefill_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """The prefill kernel takes head_dim a multiple of 16 and up to 64 query heads per kv head (float32 CPU tensors,
+    heads contiguous within a row)."""
+    return head_dim % 16 == 0 and num_heads // num_kv_heads <= 64
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor],
@@ -39,6 +37,8 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan:
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous() and out.shape == q.shape
     assert segs.dtype == slots.dtype == torch.int64 and segs.is_contiguous() and slots.is_contiguous()
     _, hq, hd = q.shape
+    if q.stride(2) != 1 or q.stride(1) != hd:                  # rows of q may be strided, heads must be packed
+        q = q.contiguous()
     native.lib().prefill_attention_f32(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                                        segs.data_ptr(), segs.shape[0], slots.data_ptr(), out.data_ptr(), hq,
                                        k_cache.shape[1], hd, scale, torch.get_num_threads())

@@ -1,5 +1,6 @@
 """Linear layers on quantized weights (GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K blocks, or int8 with per-row
-scales) through the C kernel (quant_linear.c), which dequantizes in registers; torch dequantization otherwise."""
+scales) through the C kernel (quant_linear.c), which decodes the weights to float32 in registers and keeps the
+activations in float32; torch dequantization otherwise (the same values up to float32 summation order)."""
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, k: int, bias: torch.
            scales: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] float32 -> x W^T (+ bias) [..., N] float32 for W [N, row_bytes] in `fmt` (scales [N] for I8).
 
-    The C kernel quantizes x to int8 per 32-block along K (absmax / 127), so it differs from the float product
-    by that rounding; a row's result does not depend on the other rows, M or the thread count."""
+    The C kernel computes x @ dequantize(W)^T in float32 (exact dequantized weights, float32 FMAs in a fixed
+    order per output), so a row's result does not depend on the other rows, M or the thread count."""
     w = _weight(weight, fmt, k, scales)
     n = w.shape[0]
     rows = x.reshape(-1, k)
@@ -41,8 +42,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, k: int, bias: torch.
     if bias is not None:
         bias = bias.float().contiguous()
     if not native.available():
-        # No C kernels: dequantize and multiply in float32 (no activation quantization, so this matches the
-        # kernel up to the int8 rounding of x and float32 rounding).
+        # No C kernels: dequantize and multiply in float32 (the kernel's values up to summation order).
         return F.linear(rows, dequantize(w, fmt, k, scales), bias).reshape(*x.shape[:-1], n)
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     if rows.shape[0] == 0 or n == 0:
@@ -55,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, k: int, bias: torch.
                                        None if bias is None else bias.data_ptr(), out.data_ptr(), n,
                                        rows.shape[0], n, k, _CODES[fmt], torch.get_num_threads())
     if rc != 0:
-        raise MemoryError(f"quant_linear_f32 ({fmt}, M={rows.shape[0]}, K={k}): no memory for the scratch")
+        raise MemoryError(f"quant_linear_f32 ({fmt}, M={rows.shape[0]}, K={k}): no memory for the decode buffer")
     return out.reshape(*x.shape[:-1], n)
 
 

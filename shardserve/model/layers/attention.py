@@ -15,19 +15,28 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        # Bound by the model runner: each [num_slots, num_kv_heads, head_dim] (num_slots = blocks * block_size).
+        # Bound by the model runner (bind_cache): each [num_slots, num_kv_heads, head_dim], num_slots = blocks * block_size.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.native_decode = self.native_prefill = False
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attend over these caches. The C kernels are chosen here, once: decode (and the KV write) for float32
+        CPU caches, prefill when also head_dim is a multiple of 16 and a kv head serves at most 64 query heads."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.native_decode = native.applies(k_cache, v_cache)
+        self.native_prefill = self.native_decode and native_attention.prefill_supports(
+            self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, Hq, hd], k/v [T, Hk, hd] -> [T, Hq * hd]."""
-        if not fused_ops.write_kv(k, v, batch.slot_mapping, self.k_cache, self.v_cache):
-            self.k_cache.index_copy_(0, batch.slot_mapping, k)
-            self.v_cache.index_copy_(0, batch.slot_mapping, v)
+        if not (self.native_decode and fused_ops.write_kv(k, v, batch.slot_mapping, self.k_cache, self.v_cache)):
+            self.k_cache.index_copy_(0, batch.slot_mapping, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(0, batch.slot_mapping, v.to(self.v_cache.dtype))
         out = torch.empty_like(q)
         if batch.num_decode:
             self._decode(q[: batch.num_decode], batch, out[: batch.num_decode])
-        if batch.prefills and native_attention.prefill_applies(q, self.num_kv_heads):
+        if batch.prefills and self.native_prefill:
             native_attention.prefill(q, self.k_cache, self.v_cache, batch.prefill_plan, self.scale, out)
             return out.reshape(q.shape[0], -1)
         for seg in batch.prefills:
@@ -70,7 +79,7 @@ class PagedAttention(nn.Module):
         (native_attention). Otherwise batched matmuls over (sequence, kv head), which beat SDPA's masked math
         path here by ~3x: the gather is one index_select per cache, the rest is two small bmm calls.
         """
-        if native.applies(q):
+        if self.native_decode:
             native_attention.paged_decode(q, self.k_cache, self.v_cache, batch.decode_slots, batch.decode_lens,
                                           self.scale, out)
             return

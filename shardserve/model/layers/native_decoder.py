@@ -66,10 +66,6 @@ class NativeDecoder:
                 and first.input_layernorm.weight.dtype == torch.float32
                 and attn.head_dim % 16 == 0 and attn.num_heads // attn.num_kv_heads <= 64)
 
-    def applies(self, x: torch.Tensor) -> bool:
-        """Per call: the kernels are on (SHARDSERVE_CPU_KERNELS) and x is float32 on the CPU."""
-        return native.applies(x)
-
     def run(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
             sampled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] (and the residual [T, H], None before the first layer) -> both after the last layer.
