@@ -62,12 +62,12 @@ def parse_layout(layout: str) -> tuple[int, int, str | None]:
 
 
 def bench_shardserve(model: str, tp: int, pp: int, prompts, out_len: int, partition: str | None = None,
-                     temperature: float = 0.0, top_p: float = 1.0) -> dict:
+                     temperature: float = 0.0, top_p: float = 1.0, dtype: str = "float32") -> dict:
     key, previous = "SHARDSERVE_PP_LAYER_PARTITION", os.environ.get("SHARDSERVE_PP_LAYER_PARTITION")
     if partition:
         os.environ[key] = partition            # read by the driver (config check) and the workers spawned here
     try:
-        llm = LLM(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32", seed=0,
+        llm = LLM(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype=dtype, seed=0,
                   max_model_len=1024, max_num_seqs=len(prompts))
     finally:
         if partition and previous is None:

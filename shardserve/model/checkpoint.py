@@ -207,6 +207,7 @@ def _gguf_field(reader, key: str, default: Any = None) -> Any:
 
 
 def _gguf_spec(path: str) -> ModelSpec:
+    import gguf
     reader = _gguf_reader(path)
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
@@ -266,6 +267,8 @@ def _gguf_spec(path: str) -> ModelSpec:
         format="gguf",
         weights_path=path,
         sliding_window=int(sliding) if sliding else None,
+        mlp_split_unit=max((gguf.GGML_QUANT_SIZES[t.tensor_type][0] for t in reader.tensors
+                            if t.name.endswith(".ffn_down.weight")), default=1),
         extra=extra,
     )
 

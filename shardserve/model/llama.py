@@ -18,6 +18,7 @@ from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from shardserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.model.layers.norm import RMSNorm
 from shardserve.model.layers.rotary import RotaryEmbedding
+from shardserve.model.layers.sharding import shard_range
 from shardserve.model.spec import ModelSpec
 
 
@@ -47,9 +48,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
+        shard = shard_range(spec.intermediate_size, ctx.tp.size, ctx.tp.rank_in_group, spec.mlp_split_unit)
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, ctx.tp,
-                                                       dtype=dtype)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, ctx.tp, dtype=dtype)
+                                                       dtype=dtype, shards=[shard, shard])
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, ctx.tp, dtype=dtype, shard=shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.gate_up_proj.silu_and_mul(x)

@@ -1,6 +1,8 @@
 """Builds this rank's model shard and drives each parameter's weight_loader over the checkpoint."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -11,6 +13,8 @@ from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from shardserve.model.layers.linear import LinearBase, default_weight_loader
 from shardserve.model.registry import model_class
 from shardserve.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def load_model(spec: ModelSpec, ctx: ParallelContext, layer_range: tuple[int, int], dtype: torch.dtype,
@@ -31,7 +35,7 @@ def load_model(spec: ModelSpec, ctx: ParallelContext, layer_range: tuple[int, in
 def choose_formats(model: nn.Module, reader, dtype: torch.dtype, device: torch.device,
                    quantization: str | None) -> None:
     """Give each layer the method for what its checkpoint tensors hold (GGUF blocks stay blocks) before loading."""
-    parts_of = {}
+    parts_of, dequantized = {}, {}
     for part, (fused, _) in getattr(model, "packed_modules_mapping", {}).items():
         parts_of.setdefault(fused, []).append(part)
     for name, module in model.named_modules():
@@ -43,10 +47,15 @@ def choose_formats(model: nn.Module, reader, dtype: torch.dtype, device: torch.d
             prefix, _, leaf = name.rpartition(".")
             parts = [f"{prefix}.{part}.weight" for part in parts_of.get(leaf, [])] or [f"{name}.weight"]
             fmts = [reader.tensor_format(part) for part in parts]
-            method = formats.method_for(fmts, dtype, device, None if isinstance(module, ParallelLMHead) else
-                                        quantization, name, gate_up=module.gate_up, k_slice=module.k_slice)
+            method, why = formats.method_for(fmts, dtype, device, None if isinstance(module, ParallelLMHead) else
+                                             quantization, name, gate_up=module.gate_up, k_slice=module.k_slice)
+            if why:
+                dequantized.setdefault(why, []).append(name)
             if type(method) is not type(module.method) or method.format != module.method.format:
                 module.use_method(method)
+    for why, names in dequantized.items():
+        log.warning("%d layers (%s%s) are dequantized to %s at load: %s", len(names), ", ".join(names[:3]),
+                    ", ..." if len(names) > 3 else "", dtype, why)
 
 
 def load_weights(model: nn.Module, reader) -> None:

@@ -22,10 +22,11 @@ class ModelSpec:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool              # q/k/v projections carry a bias (Qwen2)
-    checkpoint_dtype: str             # "float32" | "bfloat16" | "float16" as stored (GGUF: "float32")
+    checkpoint_dtype: str             # "float32" | "bfloat16" | "float16" as stored (GGUF: see _gguf_float_dtype)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]    # generation stops on any of these
     format: str                       # "safetensors" | "gguf"
     weights_path: str                 # the folder (safetensors) or the .gguf file
     sliding_window: int | None = None # Mistral; None = full attention
+    mlp_split_unit: int = 1           # TP splits the MLP width in multiples of this (GGUF: ffn_down's block size)
     extra: dict = field(default_factory=dict, compare=False)

@@ -119,6 +119,11 @@ class Worker:
         return {"rank": self.dist_init.rank, "weight_bytes": weights, "peak_rss_bytes": _status_bytes("VmHWM"),
                 "rss_bytes": _status_bytes("VmRSS")}
 
+    def weight_formats(self) -> dict[str, str]:
+        """Each linear layer of this rank -> the format its weight is held in ("Q4_K", "I8", "PanelF32", ...)."""
+        return {name: m.method.format if m.method.format != "dense" else type(m.method).__name__.removesuffix("Method")
+                for name, m in self.runner.model.named_modules() if hasattr(m, "method")}
+
     def shutdown(self) -> None:
         if self.ctx is not None:
             destroy_parallel_context(self.ctx)

@@ -130,3 +130,22 @@ def test_cli_generate_with_format_flags(llama_gqa, flags):
 
     out = generate(flags)
     assert out.startswith("--- 'The capital of France is'\n") and len(out.splitlines()[1]) > 0
+
+
+@pytest.mark.timeout(300)
+def test_gguf_uneven_split_dequantizes_only_what_it_must(llama_blocks):
+    """tp=3 over 4 heads / 2 kv heads: kv head 0 is shared by ranks 0 and 1 (one query head, 128 columns each),
+    rank 2 holds kv head 1 (columns 256..512). o_proj's input columns on ranks 0 and 1 are half a Q4_K block, so
+    those two hold that layer dequantized (logged); the MLP width (4 blocks of 256) splits 2/1/1 blocks, so
+    down_proj stays in blocks everywhere; answers equal one rank's."""
+    path = quantized_gguf(llama_blocks, "Q4_K")
+    single, _ = run(path)
+    with LLM(path, tensor_parallel_size=3, max_model_len=128, kv_cache_memory=16 << 20) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        held = llm.engine.executor.collective_rpc("weight_formats")
+    for i, (a, b) in enumerate(zip(engine_runs(outs), single)):
+        check_parity(a, b, f"Q4_K tp=3 vs one rank, prompt {i}")
+    for rank, layers in enumerate(held):
+        for name, fmt in layers.items():
+            dequantized = rank < 2 and name.endswith("o_proj")
+            assert (fmt != "Q4_K") == dequantized, (rank, name, fmt)

@@ -14,15 +14,11 @@ Formats:
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shardserve.kernels.cpu import native_linear, quant_linear
-
-log = logging.getLogger(__name__)
 
 GGUF_BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 DENSE_FORMATS = ("F32", "F16", "BF16", "dense")       # stored as floats: loaded in the activation dtype
@@ -194,25 +190,27 @@ def check_format(fmt: str, tensor: str) -> None:
 
 
 def method_for(formats: list[str], dtype: torch.dtype, device: torch.device | str, quantization: str | None,
-               name: str, gate_up: bool = False, k_slice: tuple[int, int] | None = None) -> LinearMethod:
-    """The method for a layer whose checkpoint sub-matrices are stored in `formats` (one per fused part).
+               name: str, gate_up: bool = False,
+               k_slice: tuple[int, int] | None = None) -> tuple[LinearMethod, str | None]:
+    """The method for a layer whose checkpoint sub-matrices are stored in `formats` (one per fused part), and why
+    blocks were dequantized (None when they were not).
 
     GGUF blocks stay blocks on the CPU when every part has the same block format and this rank's slice of K
     (`k_slice`, row-parallel layers) falls on block boundaries; otherwise the layer is dequantized to the
-    activation dtype at load, and the log says why."""
+    activation dtype at load (the loader logs one line per reason)."""
     for fmt in formats:
         check_format(fmt, name)
     if quantization == "int8" and all(f in DENSE_FORMATS for f in formats):
-        return Int8Method(dtype)
+        return Int8Method(dtype), None
+    why = None
     if set(formats) & set(GGUF_BLOCK_FORMATS):
         block = quant_linear.FORMATS[formats[0]][0]
         if torch.device(device).type != "cpu":
-            why = "no GPU kernel for blocks"
+            why = f"no {torch.device(device).type} kernel for GGUF blocks"
         elif len(set(formats)) > 1:
-            why = "its parts are stored in different formats"
+            why = "the parts of a fused layer are stored in different formats"
         elif k_slice is not None and (k_slice[0] % block or k_slice[1] % block):
-            why = f"this rank's input columns {k_slice[0]}..{sum(k_slice)} are not whole {block}-wide blocks"
+            why = f"this rank's input columns are not whole {block}-wide blocks"
         else:
-            return BlockMethod(dtype, formats[0])
-        log.warning("%s: stored as %s, dequantized to %s at load: %s", name, "/".join(formats), dtype, why)
-    return dense_method(dtype, device, gate_up)
+            return BlockMethod(dtype, formats[0]), None
+    return dense_method(dtype, device, gate_up), why

@@ -10,8 +10,12 @@ def even_split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def shard_range(total: int, parts: int, index: int) -> tuple[int, int]:
-    """(start, size) of shard `index` under even_split."""
+def shard_range(total: int, parts: int, index: int, unit: int = 1) -> tuple[int, int]:
+    """(start, size) of shard `index` under even_split, in whole `unit`s (quantization blocks) when `total` is a
+    multiple of `unit`."""
+    if unit > 1 and total % unit == 0:
+        start, size = shard_range(total // unit, parts, index)
+        return start * unit, size * unit
     sizes = even_split(total, parts)
     return sum(sizes[:index]), sizes[index]
 
