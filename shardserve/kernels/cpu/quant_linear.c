@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define QL_AVX512 1
 #include <immintrin.h>
 #endif
@@ -139,357 +139,336 @@ static inline void decode_pair(int fmt, const uint8_t *w, int64_t p, int64_t K, 
 
 #ifdef QL_AVX512
 
-/* Weight bytes prefetched ahead of the decoding in the small-M path (the rows stream from DRAM at M = 1). */
+/* the lane sum in sum16's order */
+static inline float hsum(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    b = _mm_add_ss(b, _mm_shuffle_ps(b, b, 1));
+    return _mm_cvtss_f32(b);
+}
+
+/* Weight bytes prefetched ahead of the decoding in the direct path (the rows stream from DRAM at M = 1). */
 #define PF_AHEAD 8192
 
-/* Permutation indices of the 16 x 32 byte transpose (init_indices, run once at load). */
-static int16_t IDX2[2][32];    /* vpermt2w: word 2k + s <- source s, word pos(16h + k)  (h = 0, 1) */
-static int32_t IDX3[2][16];    /* vpermt2d: dword 2k + s <- source s, dword 8g + k      (g = 0, 1) */
-static int64_t IDX4[2][8];     /* vpermt2q: qword 2k + s <- source s, qword 4f + k      (f = 0, 1) */
+/* The accumulators' type: a plain vector (__m512 may alias anything, which would keep them in memory). */
+typedef float acc_t __attribute__((vector_size(64)));
+typedef float accu_t __attribute__((vector_size(64), aligned(4)));
 
-/* word position of k in a row pair after the byte unpacks of transpose_store: k 0-7, 16-23, 8-15, 24-31 */
-static inline int pair_pos(int k) { return (k & 7) | ((k & 8) << 1) | ((k & 16) >> 1); }
+static inline __m512i widen16(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 
-__attribute__((constructor)) static void init_indices(void) {
-    for (int h = 0; h < 2; h++)
-        for (int k = 0; k < 16; k++)
-            for (int s = 0; s < 2; s++) IDX2[h][2 * k + s] = (int16_t)(32 * s + pair_pos(16 * h + k));
-    for (int g = 0; g < 2; g++)
-        for (int k = 0; k < 8; k++)
-            for (int s = 0; s < 2; s++) IDX3[g][2 * k + s] = 16 * s + 8 * g + k;
-    for (int f = 0; f < 2; f++)
-        for (int k = 0; k < 4; k++)
-            for (int s = 0; s < 2; s++) IDX4[f][2 * k + s] = 8 * s + 4 * f + k;
-}
-
-/* q[r] = 32 signed bytes (the integer weights of one 32-element (sub-)block) of rows r = 0..15 -> ut[16 k + r]. */
-static inline void transpose_store(const __m256i q[16], int8_t *ut) {
-    __m512i z[8], d[4][2], qq[2][2][2];
-    for (int i = 0; i < 8; i++) {   /* word k of z[i] = (row 2i, row 2i + 1) at k, in pair_pos order */
-        const __m256i lo = _mm256_unpacklo_epi8(q[2 * i], q[2 * i + 1]);
-        const __m256i hi = _mm256_unpackhi_epi8(q[2 * i], q[2 * i + 1]);
-        z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    }
-    for (int h = 0; h < 2; h++) {
-        const __m512i ix = _mm512_loadu_si512(IDX2[h]);
-        for (int j = 0; j < 4; j++) d[j][h] = _mm512_permutex2var_epi16(z[2 * j], ix, z[2 * j + 1]);
-    }
-    for (int g = 0; g < 2; g++) {
-        const __m512i ix = _mm512_loadu_si512(IDX3[g]);
-        for (int i = 0; i < 2; i++)
-            for (int h = 0; h < 2; h++) qq[i][h][g] = _mm512_permutex2var_epi32(d[2 * i][h], ix, d[2 * i + 1][h]);
-    }
-    for (int f = 0; f < 2; f++) {
-        const __m512i ix = _mm512_loadu_si512(IDX4[f]);
-        for (int h = 0; h < 2; h++)
-            for (int g = 0; g < 2; g++)
-                _mm512_storeu_si512(ut + 16 * (16 * h + 8 * g + 4 * f),
-                                    _mm512_permutex2var_epi64(qq[0][h][g], ix, qq[1][h][g]));
-    }
-}
-
-static inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
-static inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
-static inline __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-
-/* T[16 j + r] = exact float32 weight (I8: the integer) of row wr[r], element k0 + j, for j < kl (16 rows = one
- * panel of outputs, transposed). k0 is a multiple of the format's block; kl is too except I8's last chunk. */
-static inline __attribute__((always_inline)) void decode_panel(const int fmt, const uint8_t *const *wr, int64_t k0,
-                                                               int64_t kl, float *T, int pf) {
-    int8_t ut[32 * 16] __attribute__((aligned(64)));
-    __m256i q[16];
-    const int be = BLOCK_ELEMS[fmt], bb = BLOCK_BYTES[fmt];
-#define CONVERT(J0, N, W)                                                                                    \
-    for (int j = 0; j < (N); j++) {                                                                          \
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(ut + 16 * j)))); \
-        _mm512_store_ps(T + 16 * ((J0) + j), W);                                                             \
+/* acc[r * NT + n] = the 16 lane sums of x row xr[r] times weight row wr[n] (I8: before the scale).
+ * R = 0 (NT = 1): decode row wr[0] to float32 dst [K] instead (I8: the integers). */
+static inline __attribute__((always_inline)) void tile(const int fmt, const int R, const int NT,
+                                                       const float *const *xr, const uint8_t *const *wr, int64_t K,
+                                                       acc_t *acc, float *dst) {
+    for (int i = 0; i < R * NT; i++) acc[i] = (acc_t){0};
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.0f));
+#define FMA_ROWS(OFF, WV)                                                                                     \
+    if (R == 0) _mm512_storeu_ps(dst + (OFF), WV[0]);                                                         \
+    for (int r = 0; r < R; r++) {                                                                             \
+        const __m512 xv = (__m512) * (const accu_t *)(xr[r] + (OFF));                                         \
+        for (int n = 0; n < NT; n++)                                                                          \
+            acc[r * NT + n] = (acc_t)_mm512_fmadd_ps(xv, WV[n], (__m512)acc[r * NT + n]);                     \
     }
     if (fmt == I8) {
-        for (int64_t j0 = 0; j0 < kl; j0 += 32) {
-            const int64_t n = kl - j0 < 32 ? kl - j0 : 32;
-            const __mmask32 mk = n == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
-            for (int r = 0; r < 16; r++) {
-                if (pf) __builtin_prefetch(wr[r] + k0 + j0 + PF_AHEAD, 0, 0);
-                q[r] = _mm256_maskz_loadu_epi8(mk, wr[r] + k0 + j0);
-            }
-            transpose_store(q, ut);
-            CONVERT(j0, n, f)
-        }
-    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1) {
-        for (int64_t j0 = 0; j0 < kl; j0 += 32) {
-            const int64_t off = (k0 + j0) / 32 * bb;
-            uint16_t dh[16], mh[16];
-            for (int r = 0; r < 16; r++) {
-                const uint8_t *p = wr[r] + off;
-                if (pf) __builtin_prefetch(p + PF_AHEAD, 0, 0);
-                memcpy(dh + r, p, 2);
-                if (fmt == Q8_0) {
-                    q[r] = load32(p + 2);
-                } else {
-                    memcpy(mh + r, p + 2, 2);
-                    const __m128i v = _mm_loadu_si128((const __m128i *)(p + (fmt == Q4_1 ? 4 : 2)));
-                    const __m256i w2 = _mm256_inserti128_si256(_mm256_castsi128_si256(v), v, 1);
-                    /* low nibbles are elements 0-15, high nibbles 16-31 */
-                    const __m256i lo = nib_lo(w2), hi = nib_hi(w2);
-                    q[r] = _mm256_blend_epi32(lo, hi, 0xF0);
-                    if (fmt == Q4_0) q[r] = _mm256_sub_epi8(q[r], _mm256_set1_epi8(8));
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 wv[4];
+            if (k + 16 <= K) {
+                for (int n = 0; n < NT && R > 0; n++) __builtin_prefetch(wr[n] + k + PF_AHEAD, 0, 0);
+                for (int n = 0; n < NT; n++)
+                    wv[n] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr[n] + k))));
+                FMA_ROWS(k, wv)
+            } else {   /* the last partial vector: zero-masked */
+                const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+                for (int n = 0; n < NT; n++)
+                    wv[n] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, wr[n] + k)));
+                if (R == 0) _mm512_mask_storeu_ps(dst + k, mk, wv[0]);
+                for (int r = 0; r < R; r++) {
+                    const __m512 xv = _mm512_maskz_loadu_ps(mk, xr[r] + k);
+                    for (int n = 0; n < NT; n++)
+                        acc[r * NT + n] = (acc_t)_mm512_fmadd_ps(xv, wv[n], (__m512)acc[r * NT + n]);
                 }
             }
-            transpose_store(q, ut);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
-            if (fmt == Q4_1) {
-                const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mh));
-                CONVERT(j0, 32, _mm512_fmadd_ps(d, f, m))
-            } else {
-                CONVERT(j0, 32, _mm512_mul_ps(d, f))
+        }
+    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1) {
+        const int bb = BLOCK_BYTES[fmt];
+        for (int64_t b = 0; b < K / 32; b++) {
+            for (int h = 0; h < 2; h++) {
+                __m512 wv[4];
+                for (int n = 0; n < NT; n++) {
+                    const uint8_t *p = wr[n] + b * bb;
+                    if (R > 0 && h == 0) __builtin_prefetch(p + PF_AHEAD, 0, 0);
+                    const __m512 d = _mm512_set1_ps(half_to_float(p));
+                    if (fmt == Q8_0) {
+                        const __m128i raw = _mm_loadu_si128((const __m128i *)(p + 2 + 16 * h));
+                        wv[n] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), d);
+                    } else {
+                        const __m512 m = fmt == Q4_1 ? _mm512_set1_ps(half_to_float(p + 2))
+                                                     : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+                        const __m512 t = _mm512_fmadd_ps(d, iota, m);           /* table[q] = d q + m */
+                        const __m512i q = widen16(p + (fmt == Q4_1 ? 4 : 2));
+                        wv[n] = _mm512_permutexvar_ps(h ? _mm512_srli_epi32(q, 4) : q, t);
+                    }
+                }
+                FMA_ROWS(32 * b + 16 * h, wv)
             }
         }
     } else if (fmt == Q4_K || fmt == Q5_K) {
-        const int qoff = fmt == Q4_K ? 16 : 48;
-        for (int64_t j0 = 0; j0 < kl; j0 += 256) {
-            const int64_t off = (k0 + j0) / 256 * bb;
-            float sc[8][16] __attribute__((aligned(64))), mn[8][16] __attribute__((aligned(64)));
-            for (int r = 0; r < 16; r++) {
-                const uint8_t *p = wr[r] + off;
-                for (int l = 0; l < bb && pf; l += 64) __builtin_prefetch(p + PF_AHEAD + l, 0, 0);
-                const float dd = half_to_float(p), dmin = half_to_float(p + 2);
+        const int bb = BLOCK_BYTES[fmt], qoff = fmt == Q4_K ? 16 : 48;
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            float sc[4][8], mn[4][8];
+            for (int n = 0; n < NT; n++) {
+                const uint8_t *p = wr[n] + sb * bb;
+                for (int l = 0; l < bb && R > 0; l += 64) __builtin_prefetch(p + PF_AHEAD + l, 0, 0);
+                const float d = half_to_float(p), dmin = half_to_float(p + 2);
                 uint8_t s8[8], m8[8];
                 scale_min_k4(p + 4, s8, m8);
                 for (int s = 0; s < 8; s++) {
-                    sc[s][r] = dd * (float)s8[s];
-                    mn[s][r] = -(dmin * (float)m8[s]);
+                    sc[n][s] = d * (float)s8[s];
+                    mn[n][s] = -(dmin * (float)m8[s]);
                 }
             }
+#pragma GCC unroll 2
             for (int s = 0; s < 8; s++) {
-                for (int r = 0; r < 16; r++) {
-                    const uint8_t *p = wr[r] + off;
-                    const __m256i v = load32(p + qoff + 32 * (s / 2));
-                    q[r] = s & 1 ? nib_hi(v) : nib_lo(v);
-                    if (fmt == Q5_K) {
-                        const __m256i h = _mm256_and_si256(_mm256_srli_epi16(load32(p + 16), s), _mm256_set1_epi8(1));
-                        q[r] = _mm256_or_si256(q[r], _mm256_slli_epi16(h, 4));
+                const __m128i hs = _mm_cvtsi32_si128(s), ns = _mm_cvtsi32_si128(4 * (s & 1));
+                for (int h = 0; h < 2; h++) {
+                    __m512 wv[4];
+                    for (int n = 0; n < NT; n++) {
+                        const uint8_t *p = wr[n] + sb * bb;
+                        const __m512 t = _mm512_fmadd_ps(_mm512_set1_ps(sc[n][s]), iota, _mm512_set1_ps(mn[n][s]));
+                        const __m512i q = _mm512_srl_epi32(widen16(p + qoff + 32 * (s / 2) + 16 * h), ns);
+                        if (fmt == Q4_K) {
+                            wv[n] = _mm512_permutexvar_ps(q, t);
+                        } else {
+                            const __m512 t2 = _mm512_fmadd_ps(_mm512_set1_ps(sc[n][s]), iota16,
+                                                              _mm512_set1_ps(mn[n][s]));
+                            /* bit s of qh -> bit 4 of the table index: c ? b : a (0xD8) */
+                            const __m512i qh = _mm512_srl_epi32(_mm512_slli_epi32(widen16(p + 16 + 16 * h), 4), hs);
+                            const __m512i i5 = _mm512_ternarylogic_epi32(q, qh, _mm512_set1_epi32(0x10), 0xD8);
+                            wv[n] = _mm512_permutex2var_ps(t, i5, t2);
+                        }
                     }
+                    FMA_ROWS(256 * sb + 32 * s + 16 * h, wv)
                 }
-                transpose_store(q, ut);
-                const __m512 d = _mm512_load_ps(sc[s]), m = _mm512_load_ps(mn[s]);
-                CONVERT(j0 + 32 * s, 32, _mm512_fmadd_ps(d, f, m))
             }
         }
     } else {   /* Q6_K */
-        for (int64_t j0 = 0; j0 < kl; j0 += 256) {
-            const int64_t off = (k0 + j0) / 256 * bb;
-            float dsc[16][16] __attribute__((aligned(64)));
-            for (int r = 0; r < 16; r++) {
-                const uint8_t *p = wr[r] + off;
-                for (int l = 0; l < bb && pf; l += 64) __builtin_prefetch(p + PF_AHEAD + l, 0, 0);
-                const float dd = half_to_float(p + 208);
-                for (int i = 0; i < 16; i++) dsc[i][r] = dd * (float)(int8_t)p[192 + i];
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            float dsc[4][16];
+            for (int n = 0; n < NT; n++) {
+                const uint8_t *p = wr[n] + sb * 210;
+                for (int l = 0; l < 210 && R > 0; l += 64) __builtin_prefetch(p + PF_AHEAD + l, 0, 0);
+                const float d = half_to_float(p + 208);
+                for (int i = 0; i < 16; i++) dsc[n][i] = d * (float)(int8_t)p[192 + i];
             }
+#pragma GCC unroll 2
             for (int s = 0; s < 8; s++) {
                 const int hh = s / 4, c = s % 4;
-                for (int r = 0; r < 16; r++) {
-                    const uint8_t *p = wr[r] + off;
-                    const __m256i l = load32(p + 64 * hh + 32 * (c & 1));
-                    const __m256i lo = c >> 1 ? nib_hi(l) : nib_lo(l);
-                    const __m256i h = _mm256_and_si256(_mm256_srli_epi16(load32(p + 128 + 32 * hh), 2 * c),
-                                                       _mm256_set1_epi8(3));
-                    q[r] = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(h, 4)), _mm256_set1_epi8(32));
-                }
-                transpose_store(q, ut);
-                const __m512 d0 = _mm512_load_ps(dsc[2 * s]), d1 = _mm512_load_ps(dsc[2 * s + 1]);
-                CONVERT(j0 + 32 * s, 16, _mm512_mul_ps(d0, f))
-                for (int j = 16; j < 32; j++) {
-                    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(ut + 16 * j))));
-                    _mm512_store_ps(T + 16 * (j0 + 32 * s + j), _mm512_mul_ps(d1, f));
+                const __m128i ls = _mm_cvtsi32_si128(4 * (c >> 1)), hs = _mm_cvtsi32_si128(2 * c);
+                for (int h = 0; h < 2; h++) {
+                    __m512 wv[4];
+                    for (int n = 0; n < NT; n++) {
+                        const uint8_t *p = wr[n] + sb * 210;
+                        const __m512i ql = _mm512_srl_epi32(widen16(p + 64 * hh + 32 * (c & 1) + 16 * h), ls);
+                        /* bits 2c, 2c + 1 of qh -> bits 4, 5; q = ql & 0x0F | qh (0xEC) */
+                        __m512i qh = _mm512_srl_epi32(_mm512_slli_epi32(widen16(p + 128 + 32 * hh + 16 * h), 4), hs);
+                        qh = _mm512_and_si512(qh, _mm512_set1_epi32(0x30));
+                        const __m512i q = _mm512_ternarylogic_epi32(ql, qh, _mm512_set1_epi32(0x0F), 0xEC);
+                        const float ds = dsc[n][2 * s + h];
+                        wv[n] = _mm512_fmadd_ps(_mm512_set1_ps(ds), _mm512_cvtepi32_ps(q), _mm512_set1_ps(-32.0f * ds));
+                    }
+                    FMA_ROWS(256 * sb + 32 * s + 16 * h, wv)
                 }
             }
         }
     }
-    (void)be;
-#undef CONVERT
+#undef FMA_ROWS
 }
 
-/* The last step of every output: I8's scale, then the bias; masked to the columns < N. */
-static inline __m512 finish(const int fmt, __m512 v, const float *scales, const float *bias, int64_t n,
-                            __mmask16 mk) {
-    if (fmt == I8) v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, scales + n), v);
-    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n));
-    return v;
-}
-
-static inline __mmask16 col_mask(int64_t n, int64_t N) {
-    return N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-}
-
-/* Small M (< BIG_M rows, the decode steps): each panel of 16 weight rows is decoded one unit (a block; 32
- * elements for the 32-element formats and I8, 256 for the K-quants) at a time into an L1 tile and every row of x
- * FMAs with it, the accumulators in registers over the whole of K. */
-#define BIG_M 4
-#define UNIT_MAX 256
-static inline __attribute__((always_inline)) void small_m(const int fmt, const float *x, int64_t ldx,
-                                                          const uint8_t *w, int64_t ldw, const float *scales,
-                                                          const float *bias, float *out, int64_t ldo, int64_t M,
-                                                          int64_t N, int64_t K, int64_t p0, int64_t p1) {
-    float T[UNIT_MAX * 16] __attribute__((aligned(64)));
-    const int64_t unit = fmt == I8 ? 32 : BLOCK_ELEMS[fmt] < 32 ? 32 : BLOCK_ELEMS[fmt];
-    for (int64_t p = p0; p < p1; p++) {
-        const int64_t n = 16 * p;
-        const uint8_t *wr[16];
-        for (int r = 0; r < 16; r++) wr[r] = w + (n + r < N ? n + r : N - 1) * ldw;
-        __m512 acc[BIG_M - 1];
-        for (int m = 0; m < BIG_M - 1; m++) acc[m] = _mm512_setzero_ps();
-        for (int64_t k0 = 0; k0 < K; k0 += unit) {
-            const int64_t kl = K - k0 < unit ? K - k0 : unit;
-            decode_panel(fmt, wr, k0, kl, T, 1);
-            const float *x0 = x + k0, *x1 = x0 + (M > 1 ? ldx : 0), *x2 = x0 + (M > 2 ? 2 * ldx : 0);
-            if (M == 1) {
-                for (int64_t j = 0; j < kl; j++)
-                    acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(x0[j]), _mm512_load_ps(T + 16 * j), acc[0]);
-            } else if (M == 2) {
-                for (int64_t j = 0; j < kl; j++) {
-                    const __m512 wv = _mm512_load_ps(T + 16 * j);
-                    acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(x0[j]), wv, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_set1_ps(x1[j]), wv, acc[1]);
-                }
-            } else {
-                for (int64_t j = 0; j < kl; j++) {
-                    const __m512 wv = _mm512_load_ps(T + 16 * j);
-                    acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(x0[j]), wv, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_set1_ps(x1[j]), wv, acc[1]);
-                    acc[2] = _mm512_fmadd_ps(_mm512_set1_ps(x2[j]), wv, acc[2]);
-                }
-            }
+/* acc[r * NT + n] += the same lane products on weight rows already decoded to float32 (wf[n] [K]), continuing
+ * from acc: the same operations in the same order as tile, so chunks of K (multiples of 16) give bitwise the same
+ * lane sums. */
+static inline __attribute__((always_inline)) void ftile(const int R, const int NT, const float *const *xr,
+                                                        const float *const *wf, int64_t K, acc_t *acc) {
+    
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        /* R <= 4 rows of x in registers, each weight vector loaded once */
+        /* (the empty asm pins each loaded vector to a register: gcc would otherwise reload it for every FMA) */
+        __m512 x0 = (__m512) * (const accu_t *)(xr[0] + k), x1 = x0, x2 = x0, x3 = x0;
+        if (R > 1) x1 = (__m512) * (const accu_t *)(xr[R > 1 ? 1 : 0] + k);
+        if (R > 2) x2 = (__m512) * (const accu_t *)(xr[R > 2 ? 2 : 0] + k);
+        if (R > 3) x3 = (__m512) * (const accu_t *)(xr[R > 3 ? 3 : 0] + k);
+        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
+        for (int n = 0; n < NT; n++) {
+            __m512 wv = (__m512) * (const accu_t *)(wf[n] + k);
+            __asm__("" : "+v"(wv));
+            acc[n] = (acc_t)_mm512_fmadd_ps(x0, wv, (__m512)acc[n]);
+            if (R > 1) acc[NT + n] = (acc_t)_mm512_fmadd_ps(x1, wv, (__m512)acc[NT + n]);
+            if (R > 2) acc[2 * NT + n] = (acc_t)_mm512_fmadd_ps(x2, wv, (__m512)acc[2 * NT + n]);
+            if (R > 3) acc[3 * NT + n] = (acc_t)_mm512_fmadd_ps(x3, wv, (__m512)acc[3 * NT + n]);
         }
-        const __mmask16 mk = col_mask(n, N);
-        for (int m = 0; m < M; m++)
-            _mm512_mask_storeu_ps(out + m * ldo + n, mk, finish(fmt, acc[m], scales, bias, n, mk));
+    }
+    if (k < K) {   /* I8's last partial vector, zero-masked as in tile */
+        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+        for (int n = 0; n < NT; n++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mk, wf[n] + k);
+            for (int r = 0; r < R; r++)
+                acc[r * NT + n] =
+                    (acc_t)_mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, xr[r] + k), wv, (__m512)acc[r * NT + n]);
+        }
     }
 }
 
-/* Large M: each thread takes groups of GP panels (48 weight rows) and K in chunks of KC, decodes a group's chunk
- * once into buf [GP][KC][16] (L2) and runs 8-row x NP-panel register tiles (broadcast x, as linear_f32.c) over all
- * M rows; between chunks the partial sums wait in out (float32: exact), so every output is still one FMA chain. */
-#define GP 3
-#define KC 1024           /* a multiple of every block */
-#define RT 8
-static inline __attribute__((always_inline)) void big_tile(const int fmt, const int NP, const float *x,
-                                                           int64_t ldx, const float *buf, const float *scales,
-                                                           const float *bias, float *out, int64_t ldo, int64_t M,
-                                                           int64_t N, int64_t m0, int64_t n0, int64_t k0,
-                                                           int64_t kl, int first, int last) {
-    const float *xr[RT];
-    for (int r = 0; r < RT; r++) xr[r] = x + (m0 + r < M ? m0 + r : M - 1) * ldx + k0;
-    __mmask16 mk[GP];
-    for (int c = 0; c < NP; c++) mk[c] = n0 + 16 * c < N ? col_mask(n0 + 16 * c, N) : 0;
-    __m512 acc[RT][GP];
-    for (int r = 0; r < RT; r++)
-        for (int c = 0; c < NP; c++)
-            acc[r][c] = first ? _mm512_setzero_ps()
-                              : _mm512_maskz_loadu_ps(mk[c], out + (m0 + r < M ? m0 + r : M - 1) * ldo + n0 + 16 * c);
-    for (int64_t j = 0; j < kl; j++) {
-        __m512 b[GP];
-        for (int c = 0; c < NP; c++) b[c] = _mm512_load_ps(buf + (c * KC + j) * 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < RT; r++) {
-            const __m512 a = _mm512_set1_ps(xr[r][j]);
-            for (int c = 0; c < NP; c++) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+/* res[r * NT + n] = the lane sums of tile (I8: before the scale) */
+#define TILE_RES(F, R, NT, XR, WR, K, RES)                                                                    \
+    do {                                                                                                      \
+        acc_t acc_[R * NT];                                                                                   \
+        tile(F, R, NT, XR, WR, K, acc_, NULL);                                                                \
+        for (int i = 0; i < R * NT; i++) RES[i] = hsum((__m512)acc_[i]);                                      \
+    } while (0)
+
+#else   /* scalar fallback: the same lanes and operations as the AVX-512 path */
+
+static float dot_scalar(int fmt, const float *x, const uint8_t *w, int64_t K) {
+    float acc[16] = {0}, ws[16], wm[16];
+    uint8_t u[64];
+    for (int64_t p = 0; p < (K + 63) / 64; p++) {
+        decode_pair(fmt, w, p, K, u, ws, wm);
+        const int64_t end = K - 64 * p < 64 ? K - 64 * p : 64;
+        for (int64_t e = 0; e < end; e++) {
+            float v = (float)((int)u[e] - OFFSET[fmt]);
+            if (fmt != I8) v = HAS_MIN(fmt) ? ws[e / 4] * v + wm[e / 4] : ws[e / 4] * v;
+            acc[e % 16] = fmaf(x[64 * p + e], v, acc[e % 16]);
         }
     }
-    for (int r = 0; r < RT && m0 + r < M; r++)
-        for (int c = 0; c < NP; c++) {
-            const __m512 v = last ? finish(fmt, acc[r][c], scales, bias, n0 + 16 * c, mk[c]) : acc[r][c];
-            _mm512_mask_storeu_ps(out + (m0 + r) * ldo + n0 + 16 * c, mk[c], v);
-        }
+    return sum16(acc);
 }
 
-static inline __attribute__((always_inline)) int big_m(const int fmt, const float *x, int64_t ldx, const uint8_t *w,
-                                                       int64_t ldw, const float *scales, const float *bias,
-                                                       float *out, int64_t ldo, int64_t M, int64_t N, int64_t K,
-                                                       int64_t g0, int64_t g1) {
-    const int64_t P = (N + 15) / 16;
-    float *buf = aligned_alloc(64, (size_t)GP * KC * 16 * 4);
-    if (buf == NULL) return -1;
-    for (int64_t g = g0; g < g1; g++) {
-        const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kl = K - k0 < KC ? K - k0 : KC;
-            for (int c = 0; c < np; c++) {
-                const uint8_t *wr[16];
-                for (int r = 0; r < 16; r++) {
-                    const int64_t n = 16 * (p0 + c) + r;
-                    wr[r] = w + (n < N ? n : N - 1) * ldw;
+/* res[r * NT + n] = the dot of x row xr[r] and weight row wr[n] (I8: before the scale) */
+#define TILE_RES(F, R, NT, XR, WR, K, RES)                                                                    \
+    for (int r = 0; r < R; r++)                                                                               \
+        for (int c = 0; c < NT; c++) RES[r * NT + c] = dot_scalar(F, XR[r], WR[c], K);
+
+#endif
+
+/* Rows [m0, m0 + R) of x against weight rows [n, n + NT) clamped to n_end (the rows past it are computed on the
+ * last row and not stored). */
+typedef void (*tile_fn)(const float *, int64_t, const uint8_t *, int64_t, const float *, const float *, float *,
+                        int64_t, int64_t, int64_t, int64_t, int64_t);
+#define TILE_FN(F, R, NT)                                                                                     \
+    static void tile_##F##_##R(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales, \
+                               const float *bias, float *out, int64_t ldo, int64_t m0, int64_t n,             \
+                               int64_t n_end, int64_t K) {                                                    \
+        const float *xr[R];                                                                                   \
+        const uint8_t *wr[NT];                                                                                \
+        for (int r = 0; r < R; r++) xr[r] = x + (m0 + r) * ldx;                                               \
+        for (int c = 0; c < NT; c++) wr[c] = w + (n + c < n_end ? n + c : n_end - 1) * ldw;                   \
+        float res[R * NT];                                                                                    \
+        TILE_RES(F, R, NT, xr, wr, K, res);                                                                   \
+        for (int r = 0; r < R; r++)                                                                           \
+            for (int c = 0; c < NT && n + c < n_end; c++) {                                                   \
+                const float v = F == I8 ? scales[n + c] * res[r * NT + c] : res[r * NT + c];                 \
+                out[(m0 + r) * ldo + n + c] = bias ? v + bias[n + c] : v;                                     \
+            }                                                                                                 \
+    }
+#define NT_8 3
+#define NT_4 4
+#define NT_2 4
+#define NT_1 4
+#define GROUP 12          /* weight rows per group in the direct path: a multiple of every NT */
+#define TILE_FNS(F) TILE_FN(F, 1, NT_1) TILE_FN(F, 2, NT_2) TILE_FN(F, 4, NT_4) TILE_FN(F, 8, NT_8)
+TILE_FNS(Q8_0) TILE_FNS(Q4_0) TILE_FNS(Q4_1) TILE_FNS(Q4_K) TILE_FNS(Q5_K) TILE_FNS(Q6_K) TILE_FNS(I8)
+#define TILE_ROW(F) {tile_##F##_1, tile_##F##_2, tile_##F##_4, tile_##F##_8}
+static const tile_fn TILES[NFMT][4] = {TILE_ROW(Q8_0), TILE_ROW(Q4_0), TILE_ROW(Q4_1), TILE_ROW(Q4_K),
+                                       TILE_ROW(Q5_K), TILE_ROW(Q6_K), TILE_ROW(I8)};
+static const int TILE_NT[4] = {NT_1, NT_2, NT_4, NT_8};
+
+#ifdef QL_AVX512
+/* From BUF_MIN_M rows of x on, the weights are decoded once per chunk of MC rows of x rather than once per row
+ * tile: each thread takes its weight rows G at a time and K in chunks of KC elements, decodes the G x KC chunk into
+ * a float32 buffer (L1), and runs every R x NT tile of the MC rows over it (ftile), the x tile (R x KC) reused by
+ * the G / NT weight tiles; the lane accumulators go to a scratch [MC, G] between K chunks (exact), and the lane
+ * sums come out in the same order as in the direct path. */
+#define BUF_MIN_M 4
+#define KC 512            /* a multiple of 16 and of every block; GB x KC floats = 24 KiB */
+#define GB 12             /* weight rows per group */
+#define MC 64             /* rows of x per chunk */
+#define NTF 3             /* weight rows per ftile (x rows: 4, 2 or 1; more spills registers) */
+typedef void (*decode_fn)(const uint8_t *, int64_t, float *);
+#define DECODE_FN(F)                                                                                          \
+    static void decode_##F(const uint8_t *w, int64_t K, float *dst) {                                         \
+        const uint8_t *wr[1] = {w};                                                                           \
+        tile(F, 0, 1, NULL, wr, K, NULL, dst);                                                                \
+    }
+DECODE_FN(Q8_0) DECODE_FN(Q4_0) DECODE_FN(Q4_1) DECODE_FN(Q4_K) DECODE_FN(Q5_K) DECODE_FN(Q6_K) DECODE_FN(I8)
+static const decode_fn DECODE[NFMT] = {decode_Q8_0, decode_Q4_0, decode_Q4_1, decode_Q4_K, decode_Q5_K,
+                                       decode_Q6_K, decode_I8};
+
+/* x rows [m0, m0 + R) (columns k0 .. k0 + kl) against buffer rows [c0, c0 + NT) clamped to rows; the accumulators
+ * of row m and buffer row c at scr[(m - mc) GB + c]. */
+typedef void (*ftile_fn)(const float *, int64_t, const float *, int64_t, int64_t, int64_t, int64_t, acc_t *);
+#define FTILE_FN(R, NT)                                                                                       \
+    static void ftile_##R(const float *x, int64_t ldx, const float *buf, int64_t c0, int64_t rows, int64_t m,  \
+                          int64_t kl, acc_t *scr) {                                                           \
+        const float *xr[R], *wf[NT];                                                                          \
+        for (int r = 0; r < R; r++) xr[r] = x + (m + r) * ldx;                                                \
+        for (int c = 0; c < NT; c++) wf[c] = buf + (c0 + c < rows ? c0 + c : rows - 1) * KC;                  \
+        acc_t acc[R * NT];                                                                                    \
+        for (int r = 0; r < R; r++)                                                                           \
+            for (int c = 0; c < NT; c++) acc[r * NT + c] = scr[r * GB + c0 + c];                              \
+        ftile(R, NT, xr, wf, kl, acc);                                                                        \
+        for (int r = 0; r < R; r++)                                                                           \
+            for (int c = 0; c < NT; c++) scr[r * GB + c0 + c] = acc[r * NT + c];                              \
+    }
+FTILE_FN(1, NTF) FTILE_FN(2, NTF) FTILE_FN(4, NTF)
+static const ftile_fn FTILES[3] = {ftile_1, ftile_2, ftile_4};
+
+/* The buffered path for weight rows [n0, n1) (one thread). Returns -1 when the scratch does not fit. */
+static int buffered(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,
+                    const float *bias, float *out, int64_t ldo, int64_t M, int64_t n0, int64_t n1, int64_t K,
+                    int fmt) {
+    float *buf = aligned_alloc(64, (size_t)GB * KC * 4);
+    acc_t *scr = aligned_alloc(64, (size_t)MC * GB * sizeof(acc_t));
+    if (buf == NULL || scr == NULL) {
+        free(buf);
+        free(scr);
+        return -1;
+    }
+    const int64_t be = BLOCK_ELEMS[fmt], bb = BLOCK_BYTES[fmt];
+    for (int64_t g0 = n0; g0 < n1; g0 += GB) {
+        const int64_t rows = n1 - g0 < GB ? n1 - g0 : GB;
+        for (int64_t mc = 0; mc < M; mc += MC) {
+            const int64_t mrows = M - mc < MC ? M - mc : MC;
+            for (int64_t i = 0; i < mrows * GB; i++) scr[i] = (acc_t){0};
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t kl = K - k0 < KC ? K - k0 : KC;
+                for (int64_t c = 0; c < rows; c++)
+                    DECODE[fmt](w + (g0 + c) * ldw + k0 / be * bb, kl, buf + c * KC);
+                for (int64_t m0 = 0; m0 < mrows;) {
+                    const int64_t left = mrows - m0;
+                    const int sel = left >= 4 ? 2 : left >= 2 ? 1 : 0;
+                    for (int64_t c0 = 0; c0 < rows; c0 += NTF)
+                        FTILES[sel](x + k0, ldx, buf, c0, rows, mc + m0, kl, scr + m0 * GB);
+                    m0 += 1 << sel;
                 }
-                decode_panel(fmt, wr, k0, kl, buf + c * KC * 16, 0);
             }
-            const int first = k0 == 0, last = k0 + kl == K;
-            for (int64_t m0 = 0; m0 < M; m0 += RT) {
-                if (np == 3)
-                    big_tile(fmt, 3, x, ldx, buf, scales, bias, out, ldo, M, N, m0, 16 * p0, k0, kl, first, last);
-                else if (np == 2)
-                    big_tile(fmt, 2, x, ldx, buf, scales, bias, out, ldo, M, N, m0, 16 * p0, k0, kl, first, last);
-                else
-                    big_tile(fmt, 1, x, ldx, buf, scales, bias, out, ldo, M, N, m0, 16 * p0, k0, kl, first, last);
-            }
+            for (int64_t m = 0; m < mrows; m++)
+                for (int64_t c = 0; c < rows; c++) {
+                    const int64_t n = g0 + c;
+                    const float v = hsum((__m512)scr[m * GB + c]), y = fmt == I8 ? scales[n] * v : v;
+                    out[(mc + m) * ldo + n] = bias ? y + bias[n] : y;
+                }
         }
     }
     free(buf);
+    free(scr);
     return 0;
 }
-
-/* One thread's share: output panels [16 t P / T ...) for small M, panel groups for large M. */
-typedef int (*part_fn)(const float *, int64_t, const uint8_t *, int64_t, const float *, const float *, float *,
-                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-#define PART_FN(F)                                                                                            \
-    static int part_##F(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,     \
-                        const float *bias, float *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int64_t t, \
-                        int64_t T) {                                                                          \
-        const int64_t P = (N + 15) / 16;                                                                      \
-        if (M < BIG_M) {                                                                                      \
-            small_m(F, x, ldx, w, ldw, scales, bias, out, ldo, M, N, K, P * t / T, P * (t + 1) / T);          \
-            return 0;                                                                                         \
-        }                                                                                                     \
-        const int64_t G = (P + GP - 1) / GP;                                                                  \
-        return big_m(F, x, ldx, w, ldw, scales, bias, out, ldo, M, N, K, G * t / T, G * (t + 1) / T);         \
-    }
-PART_FN(Q8_0) PART_FN(Q4_0) PART_FN(Q4_1) PART_FN(Q4_K) PART_FN(Q5_K) PART_FN(Q6_K) PART_FN(I8)
-static const part_fn PARTS[NFMT] = {part_Q8_0, part_Q4_0, part_Q4_1, part_Q4_K, part_Q5_K, part_Q6_K, part_I8};
-
-#else   /* scalar fallback: the same FMA chains */
-
-static int part_scalar(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,
-                       const float *bias, float *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt,
-                       int64_t t, int64_t T) {
-    float *wf = malloc((size_t)K * sizeof(float));
-    if (wf == NULL) return -1;
-    const int64_t P = (N + 15) / 16;
-    for (int64_t n = 16 * (P * t / T); n < 16 * (P * (t + 1) / T) && n < N; n++) {
-        const uint8_t *row = w + n * ldw;
-        if (fmt == I8) {
-            for (int64_t k = 0; k < K; k++) wf[k] = (float)(int8_t)row[k];
-        } else {
-            uint8_t u[64];
-            float ws[16], wm[16];
-            for (int64_t p = 0; p < (K + 63) / 64; p++) {
-                decode_pair(fmt, row, p, K, u, ws, wm);
-                const int64_t end = K - 64 * p < 64 ? K - 64 * p : 64;
-                for (int64_t e = 0; e < end; e++) {
-                    const float v = (float)((int)u[e] - OFFSET[fmt]);
-                    wf[64 * p + e] = HAS_MIN(fmt) ? fmaf(ws[e / 4], v, wm[e / 4]) : ws[e / 4] * v;
-                }
-            }
-        }
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * ldx;
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) acc = fmaf(xr[k], wf[k], acc);
-            if (fmt == I8) acc = scales[n] * acc;
-            out[m * ldo + n] = bias ? acc + bias[n] : acc;
-        }
-    }
-    free(wf);
-    return 0;
-}
-
+#else
+#define BUF_MIN_M INT64_MAX
 #endif
 
 /* out = x W^T (+ bias); fmt 0..6 = Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, I8 (scales [N] for I8, else NULL).
@@ -503,11 +482,24 @@ int quant_linear_f32(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw,
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
 #ifdef QL_AVX512
-        failed = PARTS[fmt](x, ldx, w, ldw, scales, bias, out, ldo, M, N, K, t, T) != 0;
-#else
-        failed = part_scalar(x, ldx, w, ldw, scales, bias, out, ldo, M, N, K, fmt, t, T) != 0;
+        if (M >= BUF_MIN_M && n1 > n0) {
+            failed = buffered(x, ldx, w, ldw, scales, bias, out, ldo, M, n0, n1, K, fmt) != 0;
+        } else
 #endif
+        {
+            for (int64_t g0 = n0; g0 < n1; g0 += GROUP) {
+                const int64_t g1 = g0 + GROUP < n1 ? g0 + GROUP : n1;
+                for (int64_t m0 = 0; m0 < M;) {
+                    const int64_t left = M - m0;
+                    const int sel = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
+                    for (int64_t n = g0; n < g1; n += TILE_NT[sel])
+                        TILES[fmt][sel](x, ldx, w, ldw, scales, bias, out, ldo, m0, n, g1, K);
+                    m0 += 1 << sel;
+                }
+            }
+        }
     }
     return failed ? -1 : 0;
 }
