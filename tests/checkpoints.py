@@ -1,6 +1,7 @@
 """Builders of tiny seeded checkpoints (HF folders, a GGUF file) and the SmolLM2 HF conversion for tests."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -223,6 +224,13 @@ def quantize_for_gguf(t: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
         from kquants import quantize_k
         return quantize_k(t, qtype), kind
     return gguf.quants.quantize(t, kind), kind
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_gguf(hf_folder: str, qtype: str) -> str:
+    """The HF folder written once as a GGUF of `qtype`, beside the folder."""
+    out = os.path.join(os.path.dirname(hf_folder), f"{os.path.basename(hf_folder)}.{qtype}.gguf")
+    return write_gguf_from_hf(hf_folder, out, qtype)
 
 
 def write_gguf_from_hf(hf_folder: str, out_file: str, qtype: str = "F32") -> str:

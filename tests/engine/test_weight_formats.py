@@ -1,9 +1,6 @@
 """Compact weights through the engine: bfloat16, GGUF blocks (Q8_0, Q4_0, Q4_K) and int8, on every layout."""
 from __future__ import annotations
 
-import functools
-import os
-
 import pytest
 import torch
 
@@ -20,17 +17,6 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 @pytest.fixture(scope="module")
 def llama_bf16(tmp_path_factory) -> str:
     return checkpoints.build_llama_bf16(str(tmp_path_factory.mktemp("llama_bf16")))
-
-
-@pytest.fixture(scope="module")
-def llama_blocks(tmp_path_factory) -> str:
-    return checkpoints.build_llama_blocks(str(tmp_path_factory.mktemp("llama_blocks")))
-
-
-@functools.lru_cache(maxsize=None)
-def quantized_gguf(hf_folder: str, qtype: str) -> str:
-    out = os.path.join(os.path.dirname(hf_folder), f"{os.path.basename(hf_folder)}.{qtype}.gguf")
-    return checkpoints.write_gguf_from_hf(hf_folder, out, qtype)
 
 
 def run(path: str, tp: int = 1, pp: int = 1, **kwargs) -> tuple[list[Run], list[dict]]:
@@ -67,7 +53,7 @@ def test_bfloat16_layouts_and_hf(llama_bf16):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
 def test_gguf_blocks_stay_compact_on_every_layout(llama_blocks, qtype):
-    path = quantized_gguf(llama_blocks, qtype)
+    path = checkpoints.quantized_gguf(llama_blocks, qtype)
     single = check_layouts(path, qtype)
     _, stats = run(path)
     # every matrix is kept in its blocks (norms are float32 in the file too): resident bytes ~ the file's
@@ -77,7 +63,7 @@ def test_gguf_blocks_stay_compact_on_every_layout(llama_blocks, qtype):
 
 @pytest.mark.timeout(600)
 def test_gguf_tp_shard_holds_its_share(llama_blocks):
-    path = quantized_gguf(llama_blocks, "Q8_0")
+    path = checkpoints.quantized_gguf(llama_blocks, "Q8_0")
     _, stats = run(path, tp=2)
     norms = 5 * 512 * 4                              # replicated norm weights (2 layers x 2 + final), float32
     assert all(s["weight_bytes"] <= 1.1 * file_tensor_bytes(path) / 2 + norms for s in stats)
@@ -103,7 +89,7 @@ def test_int8_with_gguf_is_refused(tiny_gguf):
 
 
 def test_unsupported_gguf_type_is_named(llama_blocks):
-    path = quantized_gguf(llama_blocks, "Q5_0")
+    path = checkpoints.quantized_gguf(llama_blocks, "Q5_0")
     with pytest.raises(ValueError, match=r"tensor \S+ is stored as Q5_0.*supported GGUF types: Q8_0"):
         LLM(path)
 
@@ -138,7 +124,7 @@ def test_gguf_uneven_split_dequantizes_only_what_it_must(llama_blocks):
     rank 2 holds kv head 1 (columns 256..512). o_proj's input columns on ranks 0 and 1 are half a Q4_K block, so
     those two hold that layer dequantized (logged); the MLP width (4 blocks of 256) splits 2/1/1 blocks, so
     down_proj stays in blocks everywhere; answers equal one rank's."""
-    path = quantized_gguf(llama_blocks, "Q4_K")
+    path = checkpoints.quantized_gguf(llama_blocks, "Q4_K")
     single, _ = run(path)
     with LLM(path, tensor_parallel_size=3, max_model_len=128, kv_cache_memory=16 << 20) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import checkpoints
 from shardserve import LLM, SamplingParams
-from shardserve.model.layers import native_decoder
 from shardserve.kernels.cpu import native
+from shardserve.model.layers import native_decoder
 from shardserve.model.layers.native_decoder import NativeDecoder
 from shardserve.model.llama import LlamaModel
 
@@ -37,10 +38,12 @@ def _generate(path: str, native_on: bool, monkeypatch, threads: int = 0) -> tupl
 
 
 @pytest.mark.parametrize("name,threads", [("llama_gqa", 1), ("llama_gqa", 2), ("llama_gqa", 3), ("qwen2", 2),
-                                          ("mistral", 2)])
+                                          ("mistral", 2), ("Q8_0", 2), ("Q4_K", 1), ("Q4_K", 3)])
 def test_native_decoder_equals_per_op_path(name, threads, request, monkeypatch):
-    """One stream with every kernel on all threads (1), or 2-3 row streams of single-threaded kernels."""
-    path = request.getfixturevalue(name)
+    """One stream with every kernel on all threads (1), or 2-3 row streams of single-threaded kernels; float32
+    panels or GGUF blocks (a Q8_0 / Q4_K twin of llama_blocks)."""
+    path = (checkpoints.quantized_gguf(request.getfixturevalue("llama_blocks"), name) if name[0] == "Q"
+            else request.getfixturevalue(name))
     with_native, runs = _generate(path, True, monkeypatch, threads)
     assert runs > 0                                      # the one-call decoder did run
     per_op, runs = _generate(path, False, monkeypatch)

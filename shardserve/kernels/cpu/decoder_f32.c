@@ -1,9 +1,10 @@
-/* A range of Llama-family decoder layers for one step in one call (float32, CPU, one rank): the same C
- * kernels in the same order as the per-op path in llama.py, so the same values bit for bit, without a return
- * to Python between ops (~15 ms of a ~130 ms batch-64 decode step there). Built by native.py.
+/* A range of Llama-family decoder layers for one step in one call (float32 activations, CPU, one rank): the
+ * same C kernels in the same order as the per-op path in llama.py, so the same values bit for bit, without a
+ * return to Python between ops (~15 ms of a ~130 ms batch-64 decode step there). Built by native.py.
  *
- * layers   [n_layers, LAYER_PTRS] int64: each layer's tensor addresses (the enum below); weights packed for
- *          linear_f32, qkv bias may be 0 (NULL)
+ * layers   [n_layers, LAYER_PTRS] int64: each layer's tensor addresses (the enum below) and its linears' weight
+ *          formats: -1 for float32 packed for linear_f32, else quant_linear.c's format code of GGUF rows as stored;
+ *          qkv bias may be 0 (NULL)
  * x        [T, H]  in: the stage's input hidden states; out: the last layer's output
  * residual [T, H]  in (has_residual): the residual stream; out: the residual after the last layer
  * Step     shapes, positions, KV slots, attention metadata and scratch buffers (see native_decoder.py); with
@@ -30,8 +31,25 @@ void linear_f32(const float *x, int64_t ldx, const float *w, const float *bias, 
                 int64_t M, int64_t N, int64_t K, int threads);
 void linear_silu_f32(const float *x, int64_t ldx, const float *w, float *out, int64_t ldo, int64_t M, int64_t I,
                      int64_t K, int threads);
+int quant_linear_f32(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,
+                     const float *bias, float *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt, int threads);
+int64_t quant_row_bytes(int fmt, int64_t K);
 
-enum { IN_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE, LAYER_PTRS };
+enum { IN_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE,
+       QKV_F, O_F, GATE_UP_F, DOWN_F, LAYER_PTRS };
+
+/* out = x W^T (+ bias) for a weight in format fmt (-1: linear_f32's panels). Returns 0, or 1 when the quantized
+ * kernel failed (its scratch could not be allocated): the caller finishes the layers (row streams meet at a
+ * barrier per layer) and reports it after. */
+static int linear(int64_t fmt, const float *x, int64_t ldx, const void *w, const float *bias, float *out,
+                  int64_t ldo, int64_t M, int64_t N, int64_t K, int th) {
+    if (fmt < 0) {
+        linear_f32(x, ldx, (const float *)w, bias, out, ldo, M, N, K, th);
+        return 0;
+    }
+    return quant_linear_f32(x, ldx, (const uint8_t *)w, quant_row_bytes((int)fmt, K), NULL, bias, out, ldo, M, N,
+                            K, (int)fmt, th) != 0;
+}
 
 typedef struct {
     int64_t T, H, Hq, Hk, D, I, num_slots;        /* tokens, hidden, heads, kv heads, head dim, intermediate */
@@ -85,7 +103,7 @@ static void scatter_kept(const Step *s, int64_t r0, float *x, float *residual, i
  * of KV slots outside the cache (their writes are skipped). */
 static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, float *x_all, float *res_all,
                         int has_residual, int64_t r0, int64_t r1, int64_t d0, int64_t d1, int64_t c0, int64_t c1,
-                        int th) {
+                        int th, int *failed) {
     const int64_t T = r1 - r0, H = s->H, I = s->I, nq = s->Hq * s->D, nkv = s->Hk * s->D, nqkv = nq + 2 * nkv;
     float *x = x_all + r0 * H, *residual = res_all + r0 * H, *h = s->h + r0 * H, *qkv = s->qkv + r0 * nqkv;
     float *q = s->q + r0 * nq, *k = s->k + r0 * nkv, *attn = s->attn + r0 * nq;
@@ -94,6 +112,7 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
     int64_t bad = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const float *const *p = (const float *const *)(layers + l * LAYER_PTRS);
+        const int64_t *fmt = layers + l * LAYER_PTRS;
         float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
         const int skip = s->skip_unsampled && l == n_layers - 1;
         if (has_residual) {
@@ -103,7 +122,7 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
             rms_norm_f32(x, NULL, p[IN_NORM], h, NULL, T, H, s->eps, th);
             has_residual = 1;
         }
-        linear_f32(h, H, p[QKV_W], p[QKV_B], qkv, nqkv, T, nqkv, H, th);
+        if (linear(fmt[QKV_F], h, H, p[QKV_W], p[QKV_B], qkv, nqkv, T, nqkv, H, th)) *failed = 1;
         rotary_f32(qkv, positions, s->cos, s->sin, q, T, s->Hq, s->D, nqkv, th);
         rotary_f32(qkv + nq, positions, s->cos, s->sin, k, T, s->Hk, s->D, nqkv, th);
         bad += kv_write_f32(k, nkv, qkv + nq + nkv, nqkv, slot_mapping, k_cache, v_cache, T, nkv, s->num_slots, th);
@@ -116,16 +135,16 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
                                   s->seg_slots, s->attn, s->Hq, s->Hk, s->D, s->scale, th);
         int64_t M = T, k0 = 0, k1 = 0;
         if (skip) M = gather_kept(s, r0, r1, attn, residual, nq, H, &k0, &k1);
-        linear_f32(attn, nq, p[O_W], NULL, x, H, M, H, nq, th);
+        if (linear(fmt[O_F], attn, nq, p[O_W], NULL, x, H, M, H, nq, th)) *failed = 1;
         if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
         rms_norm_f32(x, residual, p[POST_NORM], h, residual, M, H, s->eps, th);
         if (s->fused_silu) {
             linear_silu_f32(h, H, p[GATE_UP_W], act, I, M, I, H, th);
         } else {
-            linear_f32(h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th);
+            if (linear(fmt[GATE_UP_F], h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th)) *failed = 1;
             silu_mul_f32(gate_up, act, M, I, 2 * I, th);
         }
-        linear_f32(act, I, p[DOWN_W], NULL, x, H, M, H, I, th);
+        if (linear(fmt[DOWN_F], act, I, p[DOWN_W], NULL, x, H, M, H, I, th)) *failed = 1;
         if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
         if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
         /* Streams start each layer together, so the second to read a weight mostly finds it in L3 (a layer's
@@ -148,15 +167,19 @@ static int64_t unit_row(const Step *s, int64_t u) {
  * other's GEMMs keep the FMA units busy, and the per-kernel fork/join is gone. Rows do not interact inside a
  * layer, so the values are those of one pass over all rows. Fewer units (a batch-1 decode step): one pass,
  * every kernel on all threads. Under TP (all_reduce set) always one pass: the ranks' collectives must pair up.
- * Returns the number of KV slots outside the cache (the caller raises), or -1 when an all-reduce failed. */
+ * Returns the number of KV slots outside the cache (the caller raises), -1 when an all-reduce failed, or -2
+ * when a quantized linear could not allocate its scratch. */
 int64_t decoder_layers_f32(const int64_t *layers, int64_t n_layers, const Step *s, float *x, float *residual,
                            int has_residual) {
+    int failed = 0;
     const int64_t units = s->num_decode + s->num_segs;
     /* one stream under TP: every rank must call the group's all-reduces in the same order */
     const int streams = (int)(units < s->threads || s->all_reduce ? 1 : s->threads);
-    if (streams == 1)
-        return run_rows(layers, n_layers, s, x, residual, has_residual, 0, s->T, 0, s->num_decode, 0, s->num_segs,
-                        (int)s->threads);
+    if (streams == 1) {
+        const int64_t bad = run_rows(layers, n_layers, s, x, residual, has_residual, 0, s->T, 0, s->num_decode, 0,
+                                     s->num_segs, (int)s->threads, &failed);
+        return failed ? -2 : bad;
+    }
     int64_t bad = 0;
 #pragma omp parallel num_threads(streams) reduction(+ : bad)
     {
@@ -172,7 +195,8 @@ int64_t decoder_layers_f32(const int64_t *layers, int64_t n_layers, const Step *
         }
         const int64_t u0 = bounds[0], u1 = bounds[1], nd = s->num_decode;
         bad += run_rows(layers, n_layers, s, x, residual, has_residual, unit_row(s, u0), unit_row(s, u1),
-                        u0 < nd ? u0 : nd, u1 < nd ? u1 : nd, (u0 > nd ? u0 : nd) - nd, (u1 > nd ? u1 : nd) - nd, 1);
+                        u0 < nd ? u0 : nd, u1 < nd ? u1 : nd, (u0 > nd ? u0 : nd) - nd, (u1 > nd ? u1 : nd) - nd, 1,
+                        &failed);        /* a benign race: threads only ever store 1 */
     }
-    return bad;
+    return failed ? -2 : bad;
 }

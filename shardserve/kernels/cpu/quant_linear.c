@@ -473,6 +473,9 @@ static int buffered(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, 
 
 /* out = x W^T (+ bias); fmt 0..6 = Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, I8 (scales [N] for I8, else NULL).
  * Returns 0, or -1 when K is not a multiple of the block, the format is unknown or the buffer does not fit. */
+/* Bytes of one row of K weights in format fmt (K a multiple of its block). */
+int64_t quant_row_bytes(int fmt, int64_t K) { return K / BLOCK_ELEMS[fmt] * BLOCK_BYTES[fmt]; }
+
 int quant_linear_f32(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,
                      const float *bias, float *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt,
                      int threads) {

@@ -20,6 +20,12 @@ FORMATS: dict[str, tuple[int, int]] = {       # name -> (elements per block, byt
 _CODES = {name: i for i, name in enumerate(FORMATS)}      # quant_linear.c's fmt numbers, in the same order
 
 
+def format_code(fmt: str) -> int:
+    """quant_linear.c's number for a format (decoder_f32.c takes it per linear)."""
+    _format(fmt)
+    return _CODES[fmt]
+
+
 def row_bytes(fmt: str, k: int) -> int:
     """Bytes of one weight row of K elements in `fmt`."""
     elems, nbytes = _format(fmt)

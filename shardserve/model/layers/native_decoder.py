@@ -1,8 +1,9 @@
 """A stage's Llama decoder layers in one C call per step (decoder_f32.c).
 
-Applies to float32 on the CPU with panel-packed linears (native_linear) and a head size the attention kernels
-take; under TP the C code calls back into Python for the two all-reduces of each layer. Otherwise llama.py runs
-its per-op path, which computes the same values with the same kernels.
+Applies to float32 activations on the CPU with linears in panel-packed float32 (native_linear) or GGUF blocks
+(quant_linear) and a head size the attention kernels take; under TP the C code calls back into Python for the two
+all-reduces of each layer. Otherwise llama.py runs its per-op path, which computes the same values with the same
+kernels.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from shardserve.distributed.comm import all_reduce
 from shardserve.distributed.parallel_state import ParallelGroup
 from shardserve.model.forward_batch import ForwardBatch
-from shardserve.kernels.cpu import native
+from shardserve.kernels.cpu import native, quant_linear
+from shardserve.model.layers import formats
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -43,23 +45,28 @@ class NativeDecoder:
         self.eps, self.scale = first.input_layernorm.eps, attn.scale
         self.rotary = first.self_attn.rotary
         self.fused_silu = first.mlp.gate_up_proj.gate_up_silu
-        # The weights' addresses, per layer: in/post norm, qkv weight and bias, o, gate_up, down (caches later).
-        self.weight_ptrs = [[layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                             layer.self_attn.qkv_proj.packed.data_ptr(), _ptr(layer.self_attn.qkv_proj.bias),
-                             layer.self_attn.o_proj.packed.data_ptr(), layer.mlp.gate_up_proj.packed.data_ptr(),
-                             layer.mlp.down_proj.packed.data_ptr()] for layer in layers]
+        # Per layer, decoder_f32.c's table: in/post norm, qkv weight and bias, o, gate_up, down (the caches go
+        # between these and the formats at each step, bound later), then the four linears' format codes.
+        self.weight_ptrs, self.formats = [], []
+        for layer in layers:
+            linears = _linears(layer)
+            qkv, o, gate_up, down = (_weight(m) for m in linears)
+            self.weight_ptrs.append([layer.input_layernorm.weight.data_ptr(),
+                                     layer.post_attention_layernorm.weight.data_ptr(), qkv[0],
+                                     _ptr(layer.self_attn.qkv_proj.bias), o[0], gate_up[0], down[0]])
+            self.formats.append([qkv[1], o[1], gate_up[1], down[1]])
 
     @staticmethod
     def supports(layers: list) -> bool:
-        """Float32 panel-packed linears, no o_proj/MLP bias (TP adds it after the all-reduce), heads the kernels
-        take."""
+        """Float32 activations; linears float32 panel-packed or GGUF blocks; no o_proj/MLP bias (TP adds it after
+        the all-reduce); heads the kernels take."""
         if not layers or not native.available():
             return False
         first = layers[0]
         attn = first.self_attn.attn
-        linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return (all(m.packed_rows and m.packed.dtype == torch.float32 for m in linears)
+        linears = [m for layer in layers for m in _linears(layer)]
+        return (all(isinstance(m.method, (formats.PanelF32Method, formats.BlockMethod)) for m in linears)
+                and all(m.packed_rows or isinstance(m.method, formats.BlockMethod) for m in linears)
                 and len({layer.mlp.gate_up_proj.gate_up_silu for layer in layers}) == 1
                 and all(m.bias is None for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                                                       layer.mlp.down_proj))
@@ -77,7 +84,8 @@ class NativeDecoder:
         x = x.contiguous().clone()                  # written in place by the kernel
         residual = residual.contiguous().clone() if has_residual else torch.empty_like(x)
         table = torch.tensor([ptrs + [layer.self_attn.attn.k_cache.data_ptr(), layer.self_attn.attn.v_cache.data_ptr()]
-                              for ptrs, layer in zip(self.weight_ptrs, self.layers)], dtype=torch.int64)
+                              + fmts for ptrs, layer, fmts in zip(self.weight_ptrs, self.layers, self.formats)],
+                             dtype=torch.int64)
         scratch = {name: torch.empty(t, width) for name, width in
                    (("h", self.hidden), ("qkv", nq + 2 * nkv), ("q", nq), ("k", nkv), ("attn", nq),
                     ("gate_up", 0 if self.fused_silu else 2 * inter), ("act", inter))}   # fused: never written
@@ -112,6 +120,8 @@ class NativeDecoder:
                                               residual.data_ptr(), int(has_residual))
         if errors:
             raise errors[0]
+        if bad == -2:
+            raise MemoryError("a quantized linear layer could not allocate its scratch buffer")
         if bad:
             raise IndexError(f"KV write: {bad} slot(s) outside the cache's {step.num_slots} slots")
         return x, residual
@@ -139,6 +149,17 @@ def _all_reduce_rows(x: torch.Tensor, ptr: int, rows: int, cols: int, group: Par
 def _threads() -> int:
     """Threads for the call: with at least this many decode rows and prefill chunks, as many row streams."""
     return torch.get_num_threads()
+
+
+def _linears(layer) -> tuple:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def _weight(linear) -> tuple[int, int]:
+    """(address, decoder_f32.c format code) of a linear's weight: float32 panels (-1) or GGUF blocks as stored."""
+    if isinstance(linear.method, formats.BlockMethod):
+        return linear.weight.data_ptr(), quant_linear.format_code(linear.method.format)
+    return linear.packed.data_ptr(), -1
 
 
 def _ptr(t: torch.Tensor | None) -> int:
