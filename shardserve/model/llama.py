@@ -150,12 +150,16 @@ class LlamaForCausalLM(nn.Module):
         """[S, hidden] -> [S] int64 argmax of compute_logits' rows, without gathering them; tp_rank 0, else None."""
         return self.lm_head.greedy(hidden)
 
+    def ties_on_this_rank(self) -> bool:
+        """Tied embeddings, and this rank holds both the embedding and the LM head (the first stage is the last)."""
+        return (self.spec.tie_word_embeddings and isinstance(self.model.embed_tokens, VocabParallelEmbedding)
+                and isinstance(self.lm_head, ParallelLMHead))
+
     def process_weights_after_loading(self) -> None:
         """Tied embeddings on a rank holding both ends: the embedding reads the LM head's rows (one copy), where
         the head keeps them as loaded (blocks, or dense without a packed copy). Runs after the children's."""
         embed, head = self.model.embed_tokens, self.lm_head
-        if (self.spec.tie_word_embeddings and isinstance(embed, VocabParallelEmbedding)
-                and isinstance(head, ParallelLMHead) and embed.weight.shape == head.weight.shape
+        if (self.ties_on_this_rank() and embed.weight.shape == head.weight.shape
                 and embed.weight.dtype == head.weight.dtype and torch.equal(embed.weight, head.weight)):
             embed.weight.data = head.weight.data
 

@@ -1,6 +1,9 @@
 """Compact weights through the engine: bfloat16, GGUF blocks (Q8_0, Q4_0, Q4_K) and int8, on every layout."""
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
 import torch
 
@@ -135,3 +138,11 @@ def test_gguf_uneven_split_dequantizes_only_what_it_must(llama_blocks):
         for name, fmt in layers.items():
             dequantized = rank < 2 and name.endswith("o_proj")
             assert (fmt != "Q4_K") == dequantized, (rank, name, fmt)
+
+
+@pytest.mark.timeout(300)
+def test_tied_bfloat16_embedding_and_head_share_one_copy(qwen2):
+    """Qwen2 ties its embeddings: in bf16 the embedding and the LM head hold one plain copy between them."""
+    _, stats = run(qwen2, dtype="bfloat16")
+    float32_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(qwen2, "*.safetensors")))
+    assert stats[0]["weight_bytes"] <= 1.1 * float32_bytes / 2

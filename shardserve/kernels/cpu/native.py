@@ -24,7 +24,7 @@ from shardserve.distributed import env
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "prefill_attention.c", "linear_f32.c",
                                                       "fused_ops.c", "decoder_f32.c", "greedy_head.c", "sampling.c",
-                                                      "quant_linear.c")]
+                                                      "quant_linear.c", "quant_panels.c")]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -47,6 +47,9 @@ SIGNATURES = {                                  # C function -> (return type, ar
     "quant_linear_avx512": (ctypes.c_int, []),
     "quant_linear_f32": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int] * 2),
     "quant_dequant_rows_f32": (ctypes.c_int, [_P, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]),
+    "quant_panels_avx512": (ctypes.c_int, []),
+    "quant_panels_linear_f32": (ctypes.c_int, [_P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int] * 2),
+    "quant_panels_linear_scalar_f32": (ctypes.c_int, [_P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int] * 2),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False
