@@ -11,8 +11,8 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import ParallelContext
 from shardserve.model.forward_batch import ForwardBatch
-from shardserve.kernels.cpu import fused_ops
 from shardserve.model.layers.native_decoder import NativeDecoder
+from shardserve.model.layers.activation import silu_and_mul
 from shardserve.model.layers.attention import PagedAttention
 from shardserve.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -57,12 +57,7 @@ class LlamaMLP(nn.Module):
         act = self.gate_up_proj.silu_and_mul(x)
         if act is not None:
             return self.down_proj(act)
-        gate_up = self.gate_up_proj(x)
-        act = fused_ops.silu_and_mul(gate_up)
-        if act is None:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = torch.nn.functional.silu(gate) * up
-        return self.down_proj(act)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -70,7 +70,7 @@ def test_silu_and_mul(monkeypatch, rows):
 
 
 def test_mlp_uses_the_fused_activation(monkeypatch):
-    spec = SimpleNamespace(hidden_size=32, intermediate_size=48)       # all LlamaMLP reads
+    spec = SimpleNamespace(hidden_size=32, intermediate_size=48, mlp_split_unit=1)      # all LlamaMLP reads
     mlp = LlamaMLP(spec, ParallelContext.single(torch.device("cpu")), torch.float32)
     for p in mlp.parameters():
         p.data.normal_(generator=torch.Generator().manual_seed(3))

@@ -9,7 +9,7 @@ from torch import nn
 
 from shardserve.distributed.comm import all_reduce, gather_to_first
 from shardserve.distributed.parallel_state import ParallelGroup
-from shardserve.kernels.cpu import fused_ops, greedy_head, quant_linear
+from shardserve.kernels.cpu import fused_ops, greedy_head
 from shardserve.model.layers import formats
 from shardserve.model.layers.linear import LinearBase, copy_into, read_slice
 
@@ -47,7 +47,7 @@ class VocabParallelEmbedding(nn.Module):
             weight = torch.empty(self.shard.padded, self.hidden_size, dtype=self.dtype)
             read, self.rows = read_slice, self._dense_rows
         else:
-            weight = torch.empty(self.shard.padded, quant_linear.row_bytes(fmt, self.hidden_size), dtype=torch.uint8)
+            weight = torch.empty(self.shard.padded, formats.block_row_bytes(fmt, self.hidden_size), dtype=torch.uint8)
             read, self.rows = formats.read_blocks, self._block_rows
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.weight_loader = lambda param, loaded, shard_id=None: self.shard.load(param, loaded, read)
@@ -56,7 +56,7 @@ class VocabParallelEmbedding(nn.Module):
         return F.embedding(local_ids, self.weight)
 
     def _block_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
-        return quant_linear.dequantize_rows(self.weight, self.format, self.hidden_size, local_ids).to(self.dtype)
+        return formats.block_rows(self.weight, self.format, self.hidden_size, local_ids).to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden]; ids outside this rank's slice contribute zeros to the all-reduce."""

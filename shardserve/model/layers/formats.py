@@ -30,6 +30,16 @@ def read_blocks(loaded, dim: int, start: int, length: int) -> torch.Tensor:
     return loaded.narrow_blocks(dim, start, length)
 
 
+def block_row_bytes(fmt: str, k: int) -> int:
+    """Bytes of one row of k weights stored as GGUF blocks of `fmt`."""
+    return quant_linear.row_bytes(fmt, k)
+
+
+def block_rows(weight: torch.Tensor, fmt: str, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of GGUF block rows [N, row bytes] dequantized to float32 [len(ids), k] (embedding lookups)."""
+    return quant_linear.dequantize_rows(weight, fmt, k, ids)
+
+
 class LinearMethod:
     """Dense weight [N, K] in the activation dtype, applied with F.linear."""
 
