@@ -17,8 +17,8 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)                                          # run from a checkout
-sys.path.insert(0, os.path.join(ROOT, "tests"))                   # checkpoints.build_llama_gqa
-sys.path.insert(0, os.path.join(ROOT, "tests", "multinode"))      # netns.two_hosts
+sys.path.insert(0, os.path.join(ROOT, "tests"))                   # tiny_checkpoints.build_llama_gqa
+sys.path.insert(0, os.path.join(ROOT, "tests", "multinode"))      # netns_hosts.two_hosts
 
 NUM_PROMPTS, PROMPT_LEN, OUTPUT_LEN = 8, 16, 32
 PROMPTS = [[3 + (97 * i + 13 * j) % 997 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
@@ -296,8 +296,8 @@ def main() -> None:
         print("ray is not installed: skipping the Ray backend", flush=True)
         backends.remove("ray")
 
-    import netns
-    from checkpoints import build_llama_gqa
+    import netns_hosts as netns
+    from tiny_checkpoints import build_llama_gqa
     if reason := netns.available():
         sys.exit(f"two_hosts.py: {reason}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))          # so the finally blocks below run

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import checkpoints`, `import parity`
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import tiny_checkpoints`, `import parity`
 
-import checkpoints  # noqa: E402
+import tiny_checkpoints as checkpoints  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import checkpoints
+import tiny_checkpoints as checkpoints
 from parity import Run, check_parity, engine_runs, hf_greedy
 from shardserve import LLM, SamplingParams
 

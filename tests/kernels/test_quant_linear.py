@@ -11,13 +11,14 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import kquants
+from product_bound import EPS32, check_product
 from shardserve.kernels.cpu import native, quant_linear
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here (no gcc)")
 FORMATS = list(quant_linear.FORMATS)
 KS = {"Q8_0": (32, 96, 576), "Q4_0": (32, 96, 576), "Q4_1": (32, 160, 576), "Q4_K": (256, 768),
       "Q5_K": (256, 768), "Q6_K": (256, 768), "I8": (7, 64, 100, 601)}
-EPS32 = float(np.finfo(np.float32).eps)
+
 
 
 @pytest.fixture
@@ -41,16 +42,6 @@ def _case(fmt: str, n: int, k: int, seed: int):
     rng = np.random.default_rng(seed)
     weight, scales, deq = _quantize(fmt, (rng.standard_normal((n, k)) * 0.1).astype(np.float32))
     return weight, scales, deq
-
-
-def _check(y: torch.Tensor, x: torch.Tensor, deq: np.ndarray, bias: torch.Tensor | None, c: float = 8) -> None:
-    """y against the float64 x W^T (+ bias) of the dequantized weights, within float32 summation rounding:
-    |y - ref| <= c * eps32 * (sum_k |x_k w_k| + |b|) (the kernel's activations stay float32)."""
-    xn = x.double().numpy()
-    b = 0.0 if bias is None else bias.double().numpy()
-    ref = xn @ deq.T + b
-    bound = c * EPS32 * (np.abs(xn) @ np.abs(deq).T + np.abs(b)) + 1e-30
-    np.testing.assert_array_less(np.abs(y.double().numpy() - ref), bound)
 
 
 def test_row_bytes():
@@ -88,7 +79,7 @@ def test_linear_matches_reference(fmt, restore_threads):
             bias = torch.randn(n, generator=gen) if (n + i) % 2 else None
             full = quant_linear.linear(x, weight, fmt, k, bias=bias, scales=scales)
             assert full.shape == (64, n) and full.dtype == torch.float32
-            _check(full, x, deq, bias)
+            check_product(full, x, deq, bias)
             for m in (1, 3, 17):                          # a row's result does not depend on the batch
                 start = (7 * m) % (64 - m)
                 part = quant_linear.linear(x[start:start + m], weight, fmt, k, bias=bias, scales=scales)
@@ -120,7 +111,7 @@ def test_strided_x_and_weight_rows(fmt):
     out = quant_linear.linear(x, weight, fmt, k, bias=bias, scales=scales)
     assert out.shape == (2, 9, 100)
     assert torch.equal(out, quant_linear.linear(x.contiguous(), weight, fmt, k, bias=bias, scales=scales))
-    _check(out.reshape(18, 100), x.reshape(18, k), deq, bias)
+    check_product(out.reshape(18, 100), x.reshape(18, k), deq, bias)
     sub_scales = None if scales is None else scales[10:47]
     rows = quant_linear.linear(x, weight[10:47], fmt, k, bias=bias[10:47], scales=sub_scales)
     assert torch.equal(rows, out[..., 10:47])
@@ -138,8 +129,8 @@ def test_split_k_at_blocks(fmt):
     whole = quant_linear.linear(x, weight, fmt, k, scales=scales)
     halves = (quant_linear.linear(x[:, :cut], weight[:, :cut_bytes], fmt, cut, scales=scales)
               + quant_linear.linear(x[:, cut:], weight[:, cut_bytes:], fmt, k - cut, scales=scales))
-    _check(whole, x, deq, None)
-    _check(halves, x, deq, None, c=12)
+    check_product(whole, x, deq, None)
+    check_product(halves, x, deq, None, c=12)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -155,7 +146,7 @@ def test_torch_fallback(fmt, monkeypatch):
     tol = 4 * k * EPS32 * (np.abs(x.double().numpy()) @ np.abs(deq).T + np.abs(bias.double().numpy()))
     np.testing.assert_array_less(np.abs(out.double().numpy() - ref), tol + 1e-7)
     if kernel is not None:                                 # both are float32 products of the same weights
-        _check(kernel, x, deq, bias)
+        check_product(kernel, x, deq, bias)
 
 
 def test_quantize_int8_round_trip():

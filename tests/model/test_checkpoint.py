@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
+import tiny_checkpoints as checkpoints
 from shardserve.model import checkpoint as ckpt
 from shardserve.model.checkpoint import default_model_path, open_checkpoint, read_model_spec
 

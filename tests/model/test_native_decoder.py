@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import checkpoints
+import tiny_checkpoints as checkpoints
 from shardserve import LLM, SamplingParams
 from shardserve.kernels.cpu import native
 from shardserve.model.layers import native_decoder

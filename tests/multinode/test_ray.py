@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import netns  # noqa: E402
+import netns_hosts as netns  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [[1, 5, 9, 200], [7, 8, 9], [300, 301, 302, 303, 304, 305]]

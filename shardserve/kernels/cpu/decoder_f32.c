@@ -3,7 +3,8 @@
  * return to Python between ops (~15 ms of a ~130 ms batch-64 decode step there). Built by native.py.
  *
  * layers   [n_layers, LAYER_PTRS] int64: each layer's tensor addresses (the enum below) and its linears' weight
- *          formats: -1 for float32 packed for linear_f32, else quant_linear.c's format code of GGUF rows as stored;
+ *          formats: -1 for float32 packed for linear_f32, quant_linear.c's format code of GGUF rows as stored,
+ *          or QUANT_PANELS + that code for weights repacked into quant_panels.c's k-major panels;
  *          qkv bias may be 0 (NULL)
  * x        [T, H]  in: the stage's input hidden states; out: the last layer's output
  * residual [T, H]  in (has_residual): the residual stream; out: the residual after the last layer
@@ -34,11 +35,14 @@ void linear_silu_f32(const float *x, int64_t ldx, const float *w, float *out, in
 int quant_linear_f32(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, const float *scales,
                      const float *bias, float *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt, int threads);
 int64_t quant_row_bytes(int fmt, int64_t K);
+int quant_panels_linear_f32(const float *x, int64_t ldx, const uint8_t *w, const float *bias, float *out,
+                            int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt, int threads);
+#define QUANT_PANELS 100   /* native_decoder.QUANT_PANELS */
 
 enum { IN_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE,
        QKV_F, O_F, GATE_UP_F, DOWN_F, LAYER_PTRS };
 
-/* out = x W^T (+ bias) for a weight in format fmt (-1: linear_f32's panels). Returns 0, or 1 when the quantized
+/* out = x W^T (+ bias) for a weight in format fmt (-1: linear_f32's panels; >= QUANT_PANELS: quant_panels.c). Returns 0, or 1 when the quantized
  * kernel failed (its scratch could not be allocated): the caller finishes the layers (row streams meet at a
  * barrier per layer) and reports it after. */
 static int linear(int64_t fmt, const float *x, int64_t ldx, const void *w, const float *bias, float *out,
@@ -47,6 +51,9 @@ static int linear(int64_t fmt, const float *x, int64_t ldx, const void *w, const
         linear_f32(x, ldx, (const float *)w, bias, out, ldo, M, N, K, th);
         return 0;
     }
+    if (fmt >= QUANT_PANELS)
+        return quant_panels_linear_f32(x, ldx, (const uint8_t *)w, bias, out, ldo, M, N, K, (int)(fmt - QUANT_PANELS),
+                                       th) != 0;
     return quant_linear_f32(x, ldx, (const uint8_t *)w, quant_row_bytes((int)fmt, K), NULL, bias, out, ldo, M, N,
                             K, (int)fmt, th) != 0;
 }

@@ -18,7 +18,8 @@
  * operations, so a result is bitwise independent of M, the threads and the other rows.
  *
  * M < 4 (decode steps): R rows x NP panels of accumulators, decoding each k of NP panels in registers and
- * broadcasting x[r, k] (NP independent chains hide the FMA latency). M >= 4: per thread, each group of 3 panels
+ * broadcasting x[r, k] (NP independent chains hide the FMA latency; each panel's stream is software-prefetched
+ * QP_PFD blocks ahead, which the NP concurrent streams need to reach the row kernel's bandwidth). M >= 4: per thread, each group of 3 panels
  * is decoded once per chunk of MC rows into a float32 buffer [3][K][16] (L2) and linear_f32's register tile of
  * 8 rows x 3 panels runs over it, prefetching the next group's packed bytes.
  */
@@ -37,10 +38,19 @@ static const int QP_BLOCK_BYTES[3] = {34, 18, 20};
 #define QP_MC 256        /* rows per chunk in the buffered path */
 #define QP_GROUP 3       /* panels per group in the buffered path */
 #ifndef QP_PFD
-#define QP_PFD 4         /* software prefetch distance of the direct path, in blocks */
+#define QP_PFD 4         /* software prefetch distance of the direct path, in blocks (4-bit formats) */
+#endif
+#ifndef QP_PFD8
+#define QP_PFD8 6        /* the same for Q8_0 */
 #endif
 #ifndef QP_NP1
-#define QP_NP1 6         /* panels per register tile of the direct path for one row */
+#define QP_NP1 6         /* panels per register tile of the direct path for one row (4-bit formats) */
+#endif
+#ifndef QP_PFLOC
+#define QP_PFLOC 1       /* its locality hint (to L2) */
+#endif
+#ifndef QP_NP1_8
+#define QP_NP1_8 4       /* the same for Q8_0 */
 #endif
 
 int quant_panels_avx512(void) {
@@ -145,8 +155,8 @@ AI void qp_direct(const int fmt, const int R, const int NP, const float *const *
 #pragma GCC unroll 8
         for (int c = 0; c < NP; c++) {
             /* QP_PFD blocks ahead in each panel's stream (past a panel's end: the next panel's start) */
-            const char *ahead = (const char *)(base + c * pbytes + (b + QP_PFD) * 16 * bb);
-            for (int l = 0; l < 16 * bb; l += 64) __builtin_prefetch(ahead + l, 0, 3);
+            const char *ahead = (const char *)(base + c * pbytes + (b + (fmt == QP_Q8_0 ? QP_PFD8 : QP_PFD)) * 16 * bb);
+            for (int l = 0; l < 16 * bb; l += 64) __builtin_prefetch(ahead + l, 0, QP_PFLOC);
             qp_scales(fmt, base + c * pbytes + b * 16 * bb, &wd[c], &wm[c]);
         }
         const int64_t k0 = 32 * b;
@@ -208,7 +218,7 @@ static void qp_direct_fmt(const int fmt, const float *x, int64_t ldx, const uint
         const float *xr[3];
         for (int r = 0; r < 3; r++) xr[r] = x + (m0 + (r < R ? r : 0)) * ldx;
         float *o = out + m0 * ldo;
-        if (R == 1) qp_direct_range(fmt, 1, QP_NP1, xr, w, pbytes, bias, o, ldo, N, K, pa, pe);
+        if (R == 1) qp_direct_range(fmt, 1, fmt == QP_Q8_0 ? QP_NP1_8 : QP_NP1, xr, w, pbytes, bias, o, ldo, N, K, pa, pe);
         else if (R == 2) qp_direct_range(fmt, 2, 6, xr, w, pbytes, bias, o, ldo, N, K, pa, pe);
         else qp_direct_range(fmt, 3, 4, xr, w, pbytes, bias, o, ldo, N, K, pa, pe);
     }

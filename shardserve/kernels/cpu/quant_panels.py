@@ -76,13 +76,26 @@ def linear(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int,
     return _linear(x, packed, fmt, n, k, bias, scalar=False)
 
 
+_SHAPES: dict[tuple[str, int, int], tuple[int, int]] = {}      # (fmt, n, k) -> (packed bytes, format code)
+
+
+def _shape(fmt: str, n: int, k: int) -> tuple[int, int]:
+    key = (fmt, n, k)
+    got = _SHAPES.get(key)
+    if got is None:
+        _, bpb = _check(fmt, k)
+        got = _SHAPES[key] = (-(-n // PANEL) * PANEL * (k // 32) * bpb, quant_linear.format_code(fmt))
+    return got
+
+
 def _linear(x, packed, fmt, n, k, bias, scalar: bool) -> torch.Tensor:
-    _, bpb = _check(fmt, k)
-    p = -(-n // PANEL)
-    if packed.dtype != torch.uint8 or packed.numel() != p * PANEL * (k // 32) * bpb or not packed.is_contiguous():
-        raise ValueError(f"{fmt} panels for N={n}, K={k}: expected contiguous uint8 with {p * PANEL} x "
-                         f"{k // 32 * bpb} bytes, got {packed.dtype} {list(packed.shape)}")
-    rows = x.reshape(-1, k)
+    nbytes, code = _shape(fmt, n, k)
+    if packed.dtype != torch.uint8 or packed.numel() != nbytes or not packed.is_contiguous():
+        raise ValueError(f"{fmt} panels for N={n}, K={k}: expected {nbytes} contiguous uint8 bytes "
+                         f"({-(-n // PANEL) * PANEL} rows), got {packed.dtype} {list(packed.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight K={k}")
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
     if rows.stride(1) != 1 or rows.dtype != torch.float32:
         rows = rows.contiguous().float()
     if bias is not None:
@@ -90,12 +103,13 @@ def _linear(x, packed, fmt, n, k, bias, scalar: bool) -> torch.Tensor:
     if not native.available():
         w = quant_linear.dequantize(unpack(packed, fmt, n, k), fmt, k)
         return F.linear(rows, w, bias).reshape(*x.shape[:-1], n)
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0] == 0 or n == 0:
-        return out.reshape(*x.shape[:-1], n)
-    fn = native.lib().quant_panels_linear_scalar_f32 if scalar else native.lib().quant_panels_linear_f32
-    rc = fn(rows.data_ptr(), rows.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), n, rows.shape[0], n, k, quant_linear.format_code(fmt), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError(f"quant_panels_linear_f32 ({fmt}, M={rows.shape[0]}, K={k}): rc={rc}")
-    return out.reshape(*x.shape[:-1], n)
+    m = rows.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        lib = native.lib()
+        fn = lib.quant_panels_linear_scalar_f32 if scalar else lib.quant_panels_linear_f32
+        rc = fn(rows.data_ptr(), rows.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                out.data_ptr(), n, m, n, k, code, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"quant_panels_linear_f32 ({fmt}, M={m}, K={k}): rc={rc}")
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

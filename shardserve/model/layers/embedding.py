@@ -72,6 +72,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(LinearBase):
     """hidden -> logits over the vocab: local logits [N, padded], all-gathered, padding trimmed."""
 
+    keep_rows = True        # GGUF blocks stay in rows (not quant_panels' layout): a tied embedding reads them
+
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup, dtype=torch.float32):
         self.tp, self.shard = tp, VocabShard(vocab_size, tp)
         super().__init__(hidden_size, self.shard.padded, False, dtype)

@@ -9,7 +9,8 @@ Formats:
 - dense in the activation dtype: `PanelF32Method` (float32 on AVX-512 CPUs: the C panel GEMM),
   `OneDNNMethod` (float32 / bfloat16 on other CPUs, and bfloat16 everywhere on the CPU: oneDNN's prepacked GEMM),
   `DenseMethod` (F.linear: GPUs, float16, and CPUs without oneDNN);
-- `BlockMethod`: GGUF quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) kept as in the file, [N, row bytes];
+- `BlockMethod`: GGUF quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) kept as in the file, [N, row bytes]
+  (Q8_0 / Q4_0 / Q4_1 reordered at load into quant_panels' k-major panels of the same bytes);
 - `Int8Method`: weight-only int8 with per-output-channel scales, made at load from a dense checkpoint.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardserve.kernels.cpu import native_linear, quant_linear
+from shardserve.kernels.cpu import native, native_linear, quant_linear, quant_panels
 
 GGUF_BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 DENSE_FORMATS = ("F32", "F16", "BF16", "dense")       # stored as floats: loaded in the activation dtype
@@ -154,7 +155,22 @@ class BlockMethod(LinearMethod):
     def read_full(self, loaded):
         return loaded.narrow_blocks(0, 0, loaded.shape[0])
 
+    def process_weights_after_loading(self, layer):
+        """Q8_0 / Q4_0 / Q4_1 on AVX-512 CPUs: the rows reordered once into quant_panels' k-major panels (the same
+        bytes; layer.weight keeps them, layer.quant_panels_rows = N), unless the layer keeps its rows
+        (`keep_rows`: the LM head, whose rows the tied embedding reads)."""
+        w = layer.weight.data
+        layer.quant_panels_rows = 0
+        if (w.numel() and quant_panels.supports(self.format) and not getattr(layer, "keep_rows", False)
+                and native.available() and native.lib().quant_panels_avx512()):
+            layer.weight.data = quant_panels.repack(w, self.format, layer.in_features)
+            layer.quant_panels_rows = w.shape[0]
+
     def apply(self, layer, x, bias):
+        if getattr(layer, "quant_panels_rows", 0):
+            out = quant_panels.linear(x.float(), layer.weight, self.format, layer.quant_panels_rows,
+                                      layer.in_features, None if bias is None else bias.float())
+            return out.to(x.dtype)
         out = quant_linear.linear(x.float(), layer.weight, self.format, layer.in_features,
                                   None if bias is None else bias.float())
         return out.to(x.dtype)

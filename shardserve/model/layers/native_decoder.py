@@ -18,6 +18,7 @@ from shardserve.kernels.cpu import native, quant_linear
 from shardserve.model.layers import formats
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+QUANT_PANELS = 100          # decoder_f32.c: format codes from here on are quant_panels.c's layout
 
 
 class Step(ctypes.Structure):
@@ -156,9 +157,11 @@ def _linears(layer) -> tuple:
 
 
 def _weight(linear) -> tuple[int, int]:
-    """(address, decoder_f32.c format code) of a linear's weight: float32 panels (-1) or GGUF blocks as stored."""
+    """(address, decoder_f32.c format code) of a linear's weight: float32 panels (-1), GGUF blocks as stored
+    (quant_linear's code) or repacked into quant_panels' layout (QUANT_PANELS + quant_linear's code)."""
     if isinstance(linear.method, formats.BlockMethod):
-        return linear.weight.data_ptr(), quant_linear.format_code(linear.method.format)
+        code = quant_linear.format_code(linear.method.format)
+        return linear.weight.data_ptr(), code + (QUANT_PANELS if getattr(linear, "quant_panels_rows", 0) else 0)
     return linear.packed.data_ptr(), -1
 
 
