@@ -1,6 +1,7 @@
 """SamplingParams: per-request decoding settings, vLLM-compatible, validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -27,6 +28,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None   # top-k logprobs per prompt token (the prompt token always included)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # token id -> bias in [-100, 100], added to the raw float32 logits before anything else (penalties,
+    # temperature, greedy argmax, logprobs); -100 effectively bans a token, +100 all but forces it (OpenAI's)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +40,8 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
         self._check()
+        if self.logit_bias is not None:
+            self.logit_bias = {t: float(v) for t, v in self.logit_bias.items()} or None
 
     def _check(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -71,11 +77,25 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
+        if self.logit_bias is not None:
+            _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         """Temperatures below 1e-5 decode greedily, as vLLM's do (dividing logits by them overflows float32)."""
         return self.temperature < GREEDY_BELOW
+
+
+def _check_logit_bias(bias: object) -> None:
+    if not isinstance(bias, dict):
+        raise ValueError(f"SamplingParams.logit_bias must be a dict of token id -> bias or None, got "
+                         f"{type(bias).__name__}")
+    for token, value in bias.items():
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
+            raise ValueError(f"SamplingParams.logit_bias values must be numbers in [-100, 100], got {value!r} "
+                             f"for token {token}")
 
 
 def _is_number(x: object) -> bool:

@@ -60,7 +60,7 @@ class AsyncEngine:
         """Queue the request now and return its cumulative RequestOutputs, until it finishes.
 
         Refusals happen here, before anything is queued: EngineDeadError, OverflowError (the waiting queue is
-        full) or ValueError (a bad prompt), so a server can still answer with an error status. Closing the
+        full) or ValueError (a bad prompt or params), so a server can still answer with an error status. Closing the
         iterator early aborts the request.
         """
         if self.dead is not None:
@@ -69,6 +69,7 @@ class AsyncEngine:
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise OverflowError(f"{waiting} requests are already waiting")
         text, ids = self.prepare(prompt)
+        self.engine.validate_params(params)
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), stream)
         self.num_submitted += params.n

@@ -102,6 +102,14 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but max_model_len is {max_len} (prompt plus "
                              f"at least one generated token); shorten the prompt or raise max_model_len")
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks of SamplingParams against the model (SamplingParams checks itself on construction)."""
+        vocab = self.config.model.spec.vocab_size
+        if params.logit_bias:
+            bad = sorted(t for t in params.logit_bias if t >= vocab)
+            if bad:
+                raise ValueError(f"logit_bias token ids must be in [0, {vocab}) (the model's vocab), got {bad[:5]}")
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request. Raises ValueError (and queues nothing) when the prompt cannot be served."""
@@ -111,6 +119,7 @@ class LLMEngine:
         params = params or SamplingParams()
         text, token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids)
+        self.validate_params(params)
         arrival = arrival_time or time.time()
         base_seed = params.seed if params.seed is not None else self.rng.randrange(2**62)
         seqs = [Sequence(seq_id=f"{request_id}-{i}", request_id=request_id, index=i,

@@ -1,9 +1,11 @@
 """OpenAI-compatible request bodies (pydantic) and the mapping onto SamplingParams."""
 from __future__ import annotations
 
+import math
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator, model_validator
 
 from shardserve.sampling_params import SamplingParams
 
@@ -59,6 +61,18 @@ class _Sampling(_Request):
     user: str | None = None
     # vLLM's extra field: per prompt token, its logprob plus the top-k (returned as `prompt_logprobs`)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's: {"token id": bias in [-100, 100]}, added to the logits before sampling
+    logit_bias: dict[str, StrictFloat] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not re.fullmatch(r"[0-9]+", key):
+                raise ValueError(f"logit_bias keys must be token ids as decimal strings (e.g. \"7042\"), got {key!r}")
+            if not math.isfinite(value) or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}")
+        return bias
 
     @model_validator(mode="after")
     def _no_streamed_prompt_logprobs(self):
@@ -74,7 +88,8 @@ class _Sampling(_Request):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
             max_tokens=self.max_tokens or default_max_tokens, logprobs=logprobs,
-            prompt_logprobs=self.prompt_logprobs)
+            prompt_logprobs=self.prompt_logprobs,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None)
 
 
 class CompletionRequest(_Sampling):
