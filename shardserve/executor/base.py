@@ -12,6 +12,10 @@ class WorkerError(RuntimeError):
     """A worker died, stopped answering or raised; the message names the rank and the cause."""
 
 
+class MainModuleReimportedError(WorkerError):
+    """A spawned worker re-ran the script's top-level code (no `if __name__ == "__main__":` guard)."""
+
+
 class Executor(ABC):
     def __init__(self, config: EngineConfig):
         self.config = config

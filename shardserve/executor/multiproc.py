@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 import uuid
 from collections import deque
@@ -20,8 +21,9 @@ from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.control_server import ControlServer, wait_for_agents
 from shardserve.distributed.netif import interface_for_ip
-from shardserve.executor.base import Executor, WorkerError, StepFuture
-from shardserve.executor.local_workers import LocalWorkers, death_cause
+from shardserve.executor.base import Executor, MainModuleReimportedError, WorkerError, StepFuture
+from shardserve.executor.local_workers import (MAIN_REIMPORTED_EXIT, LocalWorkers, death_cause,
+                                               exit_if_reimporting_main, main_guard_advice)
 from shardserve.executor.node_link import NodeLink, RemoteRank
 from shardserve.worker.worker import DistInit
 
@@ -31,16 +33,18 @@ LIVENESS_POLL_S = 1.0           # how often a waiting driver checks its local wo
 
 class MultiprocExecutor(Executor):
     def __init__(self, config):
+        exit_if_reimporting_main()          # a worker re-running an unguarded script: stop before creating anything
         super().__init__(config)
         par = config.parallel
+        self.server = None
+        self.links: list[NodeLink] = []
+        self.local: LocalWorkers | None = None
         self.world_size = par.world_size
         self.launch_id = uuid.uuid4().hex[:12]
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
         self.pending: deque[Future] = deque()           # execute_model futures, oldest first
         self.failure: WorkerError | None = None
         self.expected = [0] * self.world_size           # replies each rank still owes us
-        self.links: list[NodeLink] = []
-        self.local: LocalWorkers | None = None
         self.heartbeat_timeout = env.heartbeat_timeout()
         self.procs: list = []                           # mp.Process here, RemoteRank for other nodes; rank order
         self.conns: list = []                           # reply connection per rank
@@ -156,7 +160,8 @@ class MultiprocExecutor(Executor):
         try:
             return pickle.loads(self.conns[rank].recv_bytes())
         except (EOFError, OSError):
-            self._fail(self._death_error(rank))
+            pass
+        self._fail(self._death_error(rank))
 
     def _reply_error(self, rank: int) -> WorkerError:
         status, value = self._recv(rank)
@@ -167,7 +172,12 @@ class MultiprocExecutor(Executor):
         proc = self.procs[rank]
         if isinstance(proc, RemoteRank):
             return WorkerError(proc.describe_death())
-        return WorkerError(f"worker rank {rank} (pid {proc.pid}) {death_cause(proc)}")
+        cause = death_cause(proc)
+        if proc.exitcode == MAIN_REIMPORTED_EXIT:
+            main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+            return MainModuleReimportedError(f"{main_guard_advice(main_file)} (worker rank {rank}, pid {proc.pid}, "
+                                             "stopped at start-up)")
+        return WorkerError(f"worker rank {rank} (pid {proc.pid}) {cause}")
 
     def _fail(self, error: WorkerError):
         if self.failure is None:
@@ -184,6 +194,15 @@ class MultiprocExecutor(Executor):
             raise self.failure
 
     # ---- executor API -------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Executor.start, and on any failure (a worker that dies or raises, a timeout, an error or interrupt
+        here) stop every worker and release what the launch created before the error propagates."""
+        try:
+            return super().start()
+        except BaseException:
+            self._stop_workers(graceful=False)
+            raise
+
     def collective_rpc(self, method: str, *args) -> list:
         assert not self.pending, "collective_rpc while steps are in flight"
         self._broadcast(method, args, list(range(self.world_size)))
@@ -224,7 +243,8 @@ class MultiprocExecutor(Executor):
         for link in self.links:
             link.close(graceful=payload is not None)
         self.conns = [_ClosedConn() for _ in self.conns]
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
 
 
 class _ClosedConn:

@@ -29,6 +29,13 @@ class _Segment:
             if create:
                 os.ftruncate(fd, size)
             self.buf = mmap.mmap(fd, size)
+        except BaseException:
+            if create:                              # a half-made segment must not outlive the failure
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            raise
         finally:
             os.close(fd)
 
