@@ -115,11 +115,17 @@ def test_script_without_main_guard_fails_clearly_and_cleanly(llama_gqa, tmp_path
 
 
 @pytest.fixture
-def fixed_launch(monkeypatch):
-    """Make the next mp launch's id known in advance (its /dev/shm names contain it)."""
-    launch = uuid.uuid4()
-    monkeypatch.setattr(multiproc, "uuid", types.SimpleNamespace(uuid4=lambda: launch))
-    return launch.hex[:12]
+def launch(monkeypatch):
+    """The next mp launch, watched: its id fixed in advance (its /dev/shm names contain it) and the workers already
+    running noted; whatever it leaves behind is removed after the test, pass or fail."""
+    launch_id = uuid.uuid4()
+    monkeypatch.setattr(multiproc, "uuid", types.SimpleNamespace(uuid4=lambda: launch_id))
+    watched = types.SimpleNamespace(id=launch_id.hex[:12], workers_before=_spawned_workers())
+    yield watched
+    for pid in _spawned_workers() - watched.workers_before:
+        kill_quietly(pid)
+    for name in shm_leftovers(watched.id):
+        os.unlink(os.path.join(SHM, name))
 
 
 def _mp_llm(model: str) -> LLM:
@@ -127,53 +133,39 @@ def _mp_llm(model: str) -> LLM:
                max_model_len=128)
 
 
-def _assert_nothing_left(launch: str, workers_before: set[int]) -> None:
-    assert wait_until(lambda: not (_spawned_workers() - workers_before), 10), \
-        f"workers left running: {_spawned_workers() - workers_before}"
-    assert shm_leftovers(launch) == []
+def _assert_nothing_left(launch) -> None:
+    assert wait_until(lambda: not (_spawned_workers() - launch.workers_before), 10), \
+        f"workers left running: {_spawned_workers() - launch.workers_before}"
+    assert shm_leftovers(launch.id) == []
 
 
 @pytest.mark.timeout(120)
-def test_worker_that_fails_while_loading_leaves_nothing(llama_gqa, tmp_path, fixed_launch):
+def test_worker_that_fails_while_loading_leaves_nothing(llama_gqa, tmp_path, launch):
     """The driver reads only the config and tokenizer; the workers find the weights corrupt in load_model."""
     model = tmp_path / "corrupt"
     shutil.copytree(llama_gqa, model)
     for weights in model.glob("*.safetensors"):
         weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
-    workers_before = _spawned_workers()
-    try:
-        with pytest.raises(WorkerError, match="rank"):
-            _mp_llm(str(model))
-        _assert_nothing_left(fixed_launch, workers_before)
-    finally:
-        for pid in _spawned_workers() - workers_before:
-            kill_quietly(pid)
-        for name in shm_leftovers(fixed_launch):
-            os.unlink(os.path.join(SHM, name))
+    with pytest.raises(WorkerError, match="rank"):
+        _mp_llm(str(model))
+    _assert_nothing_left(launch)
 
 
 @pytest.mark.timeout(120)
-def test_worker_that_dies_at_import_leaves_nothing(llama_gqa, tmp_path, monkeypatch, fixed_launch):
+def test_worker_that_dies_at_import_leaves_nothing(llama_gqa, tmp_path, monkeypatch, launch):
     """Every spawned worker exits while its interpreter starts (a sitecustomize on PYTHONPATH): the driver has
     already made the command ring and the control port."""
     (tmp_path / "sitecustomize.py").write_text(
         "import os\nif os.environ.get('SHARDSERVE_TEST_DIE_AT_IMPORT'):\n    os._exit(3)\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("SHARDSERVE_TEST_DIE_AT_IMPORT", "1")
-    workers_before = _spawned_workers()
-    try:
-        with pytest.raises(WorkerError, match="exited with code 3"):
-            _mp_llm(llama_gqa)
-        _assert_nothing_left(fixed_launch, workers_before)
-    finally:
-        for pid in _spawned_workers() - workers_before:
-            kill_quietly(pid)
-        for name in shm_leftovers(fixed_launch):
-            os.unlink(os.path.join(SHM, name))
+    with pytest.raises(WorkerError, match="exited with code 3"):
+        _mp_llm(llama_gqa)
+    _assert_nothing_left(launch)
 
 
 @pytest.mark.timeout(120)
-def test_driver_error_while_spawning_leaves_nothing(llama_gqa, monkeypatch, fixed_launch):
+def test_driver_error_while_spawning_leaves_nothing(llama_gqa, monkeypatch, launch):
     """The second worker's start raises in the driver, after the ring exists and rank 0 is running."""
     import multiprocessing.context as mpctx
 
@@ -186,32 +178,22 @@ def test_driver_error_while_spawning_leaves_nothing(llama_gqa, monkeypatch, fixe
         real_start(self)
 
     monkeypatch.setattr(mpctx.SpawnProcess, "start", start)
-    workers_before = _spawned_workers()
     try:
         with pytest.raises(OSError, match="injected"):
             _mp_llm(llama_gqa)
         assert started and not started[0].is_alive()
-        _assert_nothing_left(fixed_launch, workers_before)
+        _assert_nothing_left(launch)
     finally:
         for proc in started:
             if proc.is_alive():
                 proc.kill()
-        for name in shm_leftovers(fixed_launch):
-            os.unlink(os.path.join(SHM, name))
 
 
 @pytest.mark.timeout(120)
-def test_startup_timeout_leaves_nothing(llama_gqa, monkeypatch, fixed_launch):
+def test_startup_timeout_leaves_nothing(llama_gqa, monkeypatch, launch):
     """A start-up that times out (here init_device gets 0 s) stops the workers and removes the ring."""
     monkeypatch.setattr(multiproc, "STARTUP_TIMEOUT_S", 0.0)
     monkeypatch.setattr(multiproc, "LIVENESS_POLL_S", 0.01)
-    workers_before = _spawned_workers()
-    try:
-        with pytest.raises(WorkerError, match="did not answer"):
-            _mp_llm(llama_gqa)
-        _assert_nothing_left(fixed_launch, workers_before)
-    finally:
-        for pid in _spawned_workers() - workers_before:
-            kill_quietly(pid)
-        for name in shm_leftovers(fixed_launch):
-            os.unlink(os.path.join(SHM, name))
+    with pytest.raises(WorkerError, match="did not answer"):
+        _mp_llm(llama_gqa)
+    _assert_nothing_left(launch)

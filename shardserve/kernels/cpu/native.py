@@ -25,7 +25,7 @@ from shardserve.distributed import env
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "prefill_attention.c", "linear_f32.c",
                                                       "fused_ops.c", "decoder_f32.c", "greedy_head.c", "sampling.c",
                                                       "quant_linear.c", "quant_panels.c")]
-HEADERS = [Path(__file__).with_name("cpu_math.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "half.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {                                  # C function -> (return type, argument types)

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+
+#include "half.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define QL_AVX512 1
 #include <immintrin.h>
@@ -44,24 +46,6 @@ int quant_linear_avx512(void) {
     return 1;
 #else
     return 0;
-#endif
-}
-
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef QL_AVX512
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
-    if (exp == 0) {
-        const float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 #endif
 }
 

@@ -27,6 +27,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "half.h"
 #include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define QP_AVX512 1
@@ -61,28 +63,14 @@ int quant_panels_avx512(void) {
 #endif
 }
 
-static inline float qp_half(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
-    if (exp == 0) {
-        const float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* w[16 r + lane][k] of block `blk` (32 elements) as float32: the exact dequantized value. */
 static inline float qp_weight(int fmt, const uint8_t *blk, int r, int kk) {
-    const float d = qp_half(blk + 2 * r);
+    const float d = half_to_float(blk + 2 * r);
     if (fmt == QP_Q8_0) return d * (float)(int8_t)blk[32 + 16 * kk + r];
     const uint8_t byte = blk[(fmt == QP_Q4_1 ? 64 : 32) + 16 * (kk >> 1) + r];
     const int q = (kk & 1) ? byte >> 4 : byte & 15;
     if (fmt == QP_Q4_0) return d * (float)(q - 8);
-    return fmaf(d, (float)q, qp_half(blk + 32 + 2 * r));
+    return fmaf(d, (float)q, half_to_float(blk + 32 + 2 * r));
 }
 
 /* The scalar path: the same FMAs in the same order, one output at a time. */
