@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from server_proc import ServerProcess
+from server_proc import serving
 
 OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/models", "POST /tokenize", "POST /detokenize",
               "POST /v1/completions", "POST /v1/chat/completions"]
@@ -19,15 +19,8 @@ EXAMPLES = 20
 
 @pytest.fixture(scope="module")
 def server(llama_gqa):
-    srv = ServerProcess(llama_gqa)
-    try:
+    with serving(llama_gqa) as srv:
         yield srv
-    finally:
-        try:
-            assert srv.terminate() == 0, srv.output()
-            assert srv.children() == []
-        finally:
-            srv.kill()
 
 
 @pytest.fixture(scope="module")

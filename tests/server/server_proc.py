@@ -1,12 +1,14 @@
 """Start a real `shardserve serve` process on a free loopback port, and stop it (no leftovers) afterwards."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -85,3 +87,18 @@ class ServerProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(model: str, *args: str, **kwargs) -> Iterator[ServerProcess]:
+    """A ServerProcess for the block; on leaving it, SIGTERM must end the server with exit code 0 and no child
+    process left (it is killed whatever happens)."""
+    srv = ServerProcess(model, *args, **kwargs)
+    try:
+        yield srv
+    finally:
+        try:
+            assert srv.terminate() == 0, srv.output()
+            assert srv.children() == []
+        finally:
+            srv.kill()

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import serving
 
 pytestmark = pytest.mark.timeout(300)
 RUNNING, WAITING = 1, 2                  # --max-num-seqs, --max-waiting-requests
@@ -17,12 +17,8 @@ MAX_TOKENS = 160                         # one request runs for a while, so the 
 
 @pytest.fixture(scope="module")
 def server(llama_gqa):
-    srv = ServerProcess(llama_gqa, "--max-num-seqs", str(RUNNING), "--max-waiting-requests", str(WAITING))
-    try:
+    with serving(llama_gqa, "--max-num-seqs", str(RUNNING), "--max-waiting-requests", str(WAITING)) as srv:
         yield srv
-    finally:
-        assert srv.terminate() == 0, srv.output()
-        assert srv.children() == []
 
 
 def body(i: int, stream: bool = False) -> dict:

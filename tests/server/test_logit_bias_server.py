@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import serving
 from shardserve import LLM, SamplingParams
 
 PROMPT = "Hello world, this is a test"
@@ -13,13 +13,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def server(llama_gqa):
-    srv = ServerProcess(llama_gqa)
-    try:
+    with serving(llama_gqa) as srv:
         yield srv
-    finally:
-        code = srv.terminate()
-        assert code == 0, srv.output()
-        assert srv.children() == []
 
 
 def post(server, path: str, **body) -> httpx.Response:

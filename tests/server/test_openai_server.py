@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import ServerProcess, serving
 from shardserve import LLM, SamplingParams
 
 API_KEY = "sk-test-123"
@@ -20,13 +20,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def server(llama_gqa):
-    srv = ServerProcess(llama_gqa, "-tp", "2", api_key=API_KEY)
-    try:
+    with serving(llama_gqa, "-tp", "2", api_key=API_KEY) as srv:
         yield srv
-    finally:
-        code = srv.terminate()
-        assert code == 0, srv.output()
-        assert srv.children() == []
 
 
 @pytest.fixture(scope="module")
