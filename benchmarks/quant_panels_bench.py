@@ -8,7 +8,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize

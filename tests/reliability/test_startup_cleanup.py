@@ -16,7 +16,7 @@ from rel_util import SHM, alive, kill_quietly, shm_leftovers, wait_until
 from server_proc import REPO
 from shardserve import LLM
 from shardserve.executor import multiproc
-from shardserve.executor.base import MainModuleReimportedError, WorkerError
+from shardserve.executor.base import WorkerError
 
 GUARD = 'if __name__ == "__main__":'
 

@@ -13,19 +13,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardserve.core.outputs import RequestOutput
 from shardserve.engine.async_engine import AsyncEngine, EngineDeadError
 from shardserve.entrypoints.openai import responses as R
+from shardserve.entrypoints.openai.errors import error_response
+from shardserve.entrypoints.openai.limits import (MAX_BODY_BYTES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST_HEADER,
+                                                  BodyLimit, BodyTooLarge, guarded_protocol)
 from shardserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     TokenizeRequest)
 from shardserve.model.tokenizer import apply_chat_template
 
 logger = logging.getLogger("shardserve.server")
-MAX_BODY_BYTES = 4 << 20
 
 
 class ApiError(Exception):
@@ -33,11 +35,6 @@ class ApiError(Exception):
                  headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Metrics:
@@ -104,7 +101,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError):
@@ -124,11 +121,16 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         logger.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
+    # Added before the auth middleware, so inside it: the route reading the body gets the 413 as its own
+    # exception (BaseHTTPMiddleware would wrap it in an ExceptionGroup on the way).
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):    # before auth, as ever
+            exc = BodyTooLarge(MAX_BODY_BYTES)
+            return error_response(exc.status_code, exc.detail, "invalid_request_error", headers=exc.headers)
         path = request.url.path
         if api_key and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
@@ -147,6 +149,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             raise EngineDeadError(f"the engine stopped: {engine.dead}")
 
     def prepare(prompt, max_tokens: int | None, param: str) -> tuple[str | None, list[int]]:
+        """Tokenize and check one prompt; blocking (a long prompt takes seconds): call it off the event loop."""
         try:
             text, ids = engine.prepare(prompt if not isinstance(prompt, list) else {"prompt_token_ids": prompt})
         except ValueError as exc:
@@ -177,9 +180,10 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def tokenize(req: TokenizeRequest):
         check_model(req.model)
         if req.messages is not None:
-            ids = apply_chat_template(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = await asyncio.to_thread(apply_chat_template, tokenizer, messages)
         elif req.prompt is not None:
-            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise ApiError(400, "give 'prompt' or 'messages'", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
@@ -188,9 +192,12 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
         vocab = engine.engine.config.model.spec.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+
+        def decode() -> str:
+            if any(not 0 <= t < vocab for t in req.tokens):
+                raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+            return tokenizer.decode(req.tokens)
+        return {"prompt": await asyncio.to_thread(decode)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -200,7 +207,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             prompts = req.prompts()
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
-        prepared = [prepare(p, req.max_tokens, "prompt") for p in prompts]
+        prepared = await asyncio.to_thread(lambda: [prepare(p, req.max_tokens, "prompt") for p in prompts])
         params = [req.sampling_params(min(16, _default_max(ids, max_len)), req.logprobs) for _, ids in prepared]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = []
@@ -211,7 +218,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             for i in range(len(streams)):
                 engine.abort(f"{request_id}-{i}")
             raise
-        echo = [(t if t is not None else tokenizer.decode(ids)) if req.echo else "" for t, ids in prepared]
+        echo = ([t if t is not None else await asyncio.to_thread(tokenizer.decode, ids) for t, ids in prepared]
+                if req.echo else [""] * len(prepared))
         n = req.n
         if req.stream:
             return _sse(_stream_completions(streams, request_id, served_model_name, n, echo, req, tokenizer,
@@ -234,12 +242,15 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         check_model(req.model)
         ensure_alive()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = apply_chat_template(tokenizer, messages, req.add_generation_prompt)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages") from exc
         max_tokens = req.max_completion_tokens or req.max_tokens
-        _, ids = prepare(ids, max_tokens, "messages")
+
+        def template_and_prepare() -> list[int]:
+            try:
+                ids = apply_chat_template(tokenizer, messages, req.add_generation_prompt)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="messages") from exc
+            return prepare(ids, max_tokens, "messages")[1]
+        ids = await asyncio.to_thread(template_and_prepare)
         top = req.top_logprobs or 0
         params = req.sampling_params(_default_max(ids, max_len), top if req.logprobs else None)
         if max_tokens is not None:
@@ -393,13 +404,19 @@ def run_server(ns: argparse.Namespace) -> int:
     from shardserve.engine.engine_args import EngineArgs
     from shardserve.engine.llm_engine import LLMEngine
 
+    keep_alive = getattr(ns, "timeout_keep_alive", TIMEOUT_KEEP_ALIVE)
+    header = getattr(ns, "timeout_request_header", TIMEOUT_REQUEST_HEADER)
+    if not (keep_alive > 0 and header > 0):
+        raise ValueError(f"--timeout-keep-alive and --timeout-request-header must be > 0, got {keep_alive}, {header}")
     args = EngineArgs.from_cli_args(ns)
     args.model = ns.model_tag or args.model
     name = ns.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
                                     else "SmolLM2-135M-Instruct")
     async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), ns.max_waiting_requests)
     app = create_app(async_engine, name, ns.api_key)
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30)
+    # uvicorn's keep-alive timeout is an int in its signature but only ever handed to loop.call_later
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30,
+                            http=guarded_protocol(header), timeout_keep_alive=keep_alive)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     print(f"shardserve: serving {name!r} on http://{ns.host}:{ns.port}/v1 "
           f"(tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size})", flush=True)
