@@ -1,4 +1,5 @@
-"""Hostile clients against a real server: a huge chunked body, a huge prompt, idle and slowloris connections."""
+"""Hostile clients against a real server: a huge chunked body, a huge prompt, many prompts in one small body,
+idle and slowloris connections."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import ServerProcess, serving
 
 pytestmark = pytest.mark.timeout(240)
 LIMIT = 4 << 20                          # the server's MAX_BODY_BYTES
@@ -20,12 +21,8 @@ MARGIN = 3.0
 
 @pytest.fixture(scope="module")
 def server(llama_gqa):
-    srv = ServerProcess(llama_gqa)
-    try:
+    with serving(llama_gqa) as srv:
         yield srv
-    finally:
-        assert srv.terminate() == 0, srv.output()
-        assert srv.children() == []
 
 
 def health_latency(server) -> float:
@@ -246,3 +243,15 @@ def test_timeouts_are_server_flags(llama_gqa):
     finally:
         assert srv.terminate() == 0, srv.output()
         assert srv.children() == []
+
+
+@pytest.mark.parametrize("prompts,n,words", [(2000, 1, "2000 prompts; at most 256"), (200, 16, "3200 sequences")])
+def test_one_small_body_cannot_queue_unbounded_work(server, prompts, n, words):
+    """A ~10 KB body of 2000 one-letter prompts (x n=16 once queued 30,208 sequences) is a 400 naming the bound; the
+    server keeps answering others at once."""
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json={"prompt": ["a"] * prompts, "n": n, "max_tokens": 1})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "prompt"
+    ok = httpx.post(server.url + "/v1/completions", timeout=60, json={"prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator,
 from shardserve.sampling_params import SamplingParams
 
 MAX_TOKENS_CAP = 1 << 16
+MAX_PROMPTS_PER_REQUEST = 256           # prompts in one completions request
+MAX_SEQUENCES_PER_REQUEST = 1024        # prompts x n: the sequences one request may queue
 
 
 def _check_unicode(value) -> None:
@@ -105,6 +107,12 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         if all(isinstance(x, int) for x in p):
             return [list(p)]
+        if len(p) > MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS_PER_REQUEST} per request "
+                             "(send several requests)")
+        if len(p) * self.n > MAX_SEQUENCES_PER_REQUEST:
+            raise ValueError(f"{len(p)} prompts x n={self.n} would queue {len(p) * self.n} sequences; at most "
+                             f"{MAX_SEQUENCES_PER_REQUEST} per request (lower n or send fewer prompts)")
         return list(p)
 
 
