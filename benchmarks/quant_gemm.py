@@ -58,6 +58,21 @@ def _case(fmt: str, k: int, n: int, m: int, gen: torch.Generator):
     return call, nbytes
 
 
+def interleaved_medians(calls: dict[tuple, object], rounds: int, budget: float, min_reps: int) -> dict[tuple, float]:
+    """Seconds per call, the median over `rounds` rounds that each time every case once (interleaved, so drift in
+    the machine's speed hits all cases alike). A case (fmt, K, N, M) repeats about budget / (K N max(M, 8)) times."""
+    times: dict[tuple, list[float]] = {cfg: [] for cfg in calls}
+    for _ in range(rounds):
+        for cfg, call in calls.items():
+            reps = max(min_reps, int(budget // (cfg[1] * cfg[2] * max(cfg[3], 8))))
+            call()
+            start = time.perf_counter()
+            for _ in range(reps):
+                call()
+            times[cfg].append((time.perf_counter() - start) / reps)
+    return {cfg: statistics.median(v) for cfg, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -74,15 +89,7 @@ def main() -> None:
     cases = {}
     for cfg in configs:
         cases[cfg] = _case(*cfg, gen)
-    times: dict[tuple, list[float]] = {cfg: [] for cfg in configs}
-    for _ in range(args.rounds):                       # interleaved: each round times every case once
-        for cfg, (call, _) in cases.items():
-            reps = max(3, int(2e8 // (cfg[1] * cfg[2] * max(cfg[3], 8))))
-            call()
-            start = time.perf_counter()
-            for _ in range(reps):
-                call()
-            times[cfg].append((time.perf_counter() - start) / reps)
+    med = interleaved_medians({cfg: call for cfg, (call, _) in cases.items()}, args.rounds, 2e8, 3)
     avx512 = bool(native.lib().quant_linear_avx512())
     print(f"threads={args.threads} rounds={args.rounds} avx512={avx512} (medians; weights cold: "
           f"{COLD_BYTES >> 20} MiB of copies cycled)")
@@ -95,8 +102,8 @@ def main() -> None:
             nbytes = cases[(fmt, k, n, 1)][1]
             row = f"{k:>5} {n:>6} {fmt:>6} {nbytes / 1e6:>7.3f} |"
             for m in (1, 64):
-                t = statistics.median(times[(fmt, k, n, m)])
-                base = statistics.median(times[("f32", k, n, m)]) if ("f32", k, n, m) in times else float("nan")
+                t = med[(fmt, k, n, m)]
+                base = med.get(("f32", k, n, m), float("nan"))
                 row += f" {t * 1e3:>8.4f} {nbytes / t / 1e9:>6.1f} {base / t:>5.2f}x |"
             print(row.rstrip("|"))
 

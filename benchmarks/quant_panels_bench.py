@@ -5,13 +5,12 @@ usage: .venv/bin/python benchmarks/quant_panels_bench.py [--threads 2] [--rounds
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
+from quant_gemm import interleaved_medians
 from shardserve.kernels.cpu import native, native_linear, quant_linear, quant_panels
 
 SHAPES = [(576, 3072), (1536, 576)]
@@ -55,16 +54,7 @@ def main() -> None:
                     quant_panels.linear(x, cps[st[0]], fmt, n, k)
                 calls[(fmt + ":rows", k, n, m)] = r
                 calls[(fmt + ":panels", k, n, m)] = p
-    times = {c: [] for c in calls}
-    for _ in range(args.rounds):
-        for cfg, call in calls.items():
-            reps = max(5, int(1e8 // (cfg[1] * cfg[2] * max(cfg[3], 8))))
-            call()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                call()
-            times[cfg].append((time.perf_counter() - t0) / reps)
-    med = {c: statistics.median(v) for c, v in times.items()}
+    med = interleaved_medians(calls, args.rounds, 1e8, 5)
     print(f"threads={args.threads} rounds={args.rounds} (medians, us; weights cold, {COLD_BYTES >> 20} MiB cycled)")
     print(f"{'K':>5} {'N':>5} {'fmt':>5} | {'M=1 f32':>8} {'rows':>8} {'panels':>8} {'rows/pan':>8} | "
           f"{'M=64 f32':>8} {'rows':>8} {'panels':>8} {'pan/f32':>8} {'rows/f32':>8}")
