@@ -30,13 +30,17 @@ def run(path: str, tp: int = 1, pp: int = 1, **kwargs) -> tuple[list[Run], list[
         return engine_runs(outs), llm.engine.executor.collective_rpc("memory_stats")
 
 
-def check_layouts(path: str, what: str, **kwargs) -> list[Run]:
-    single, _ = run(path, **kwargs)
+def check_layouts(path: str, what: str, **kwargs) -> tuple[list[Run], dict[tuple[int, int], list[dict]]]:
+    """One rank's greedy runs, after checking every layout of LAYOUTS against them; and each layout's
+    memory_stats, (1, 1) included."""
+    single, stats = run(path, **kwargs)
+    by_layout = {(1, 1): stats}
     for tp, pp in LAYOUTS:
-        runs, _ = run(path, tp, pp, **kwargs)
+        runs, by_layout[(tp, pp)] = run(path, tp, pp, **kwargs)
+        assert len(runs) == len(single) == len(PROMPTS)
         for i, (a, b) in enumerate(zip(runs, single)):
             check_parity(a, b, f"{what} tp={tp} pp={pp} vs one rank, prompt {i}")
-    return single
+    return single, by_layout
 
 
 def file_tensor_bytes(path: str) -> int:
@@ -47,7 +51,7 @@ def file_tensor_bytes(path: str) -> int:
 @pytest.mark.timeout(600)
 def test_bfloat16_layouts_and_hf(llama_bf16):
     """bf16 safetensors run in bf16 (dtype auto) on every layout, and match HF transformers in bf16."""
-    single = check_layouts(llama_bf16, "bf16")
+    single, _ = check_layouts(llama_bf16, "bf16")
     hf = hf_greedy(llama_bf16, PROMPTS, MAX_TOKENS, dtype=torch.bfloat16)
     for i, (a, b) in enumerate(zip(single, hf)):
         check_parity(a, b, f"bf16 vs HF bf16, prompt {i}")
@@ -56,32 +60,24 @@ def test_bfloat16_layouts_and_hf(llama_bf16):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
 def test_gguf_blocks_stay_compact_on_every_layout(llama_blocks, qtype):
+    """Every matrix is kept in its blocks (norms are float32 in the file too): one rank holds ~ the file's bytes,
+    each of 2 TP ranks its half plus the replicated norms."""
     path = checkpoints.quantized_gguf(llama_blocks, qtype)
-    single = check_layouts(path, qtype)
-    _, stats = run(path)
-    # every matrix is kept in its blocks (norms are float32 in the file too): resident bytes ~ the file's
-    assert stats[0]["weight_bytes"] <= 1.1 * file_tensor_bytes(path)
-    assert len(single) == len(PROMPTS)
-
-
-@pytest.mark.timeout(600)
-def test_gguf_tp_shard_holds_its_share(llama_blocks):
-    path = checkpoints.quantized_gguf(llama_blocks, "Q8_0")
-    _, stats = run(path, tp=2)
+    _, stats = check_layouts(path, qtype)
+    file_bytes = file_tensor_bytes(path)
+    assert stats[(1, 1)][0]["weight_bytes"] <= 1.1 * file_bytes
     norms = 5 * 512 * 4                              # replicated norm weights (2 layers x 2 + final), float32
-    assert all(s["weight_bytes"] <= 1.1 * file_tensor_bytes(path) / 2 + norms for s in stats)
+    assert all(s["weight_bytes"] <= 1.1 * file_bytes / 2 + norms for s in stats[(2, 1)])
 
 
 @pytest.mark.timeout(600)
 def test_int8_quantization_on_every_layout(llama_gqa):
-    single = check_layouts(llama_gqa, "int8", quantization="int8")
-    dense, _ = run(llama_gqa)
-    _, stats = run(llama_gqa, quantization="int8")
-    _, dense_stats = run(llama_gqa)
+    single, stats = check_layouts(llama_gqa, "int8", quantization="int8")
+    dense, dense_stats = run(llama_gqa)
     # llama_gqa's linears: 5 layers of qkv [128, 64], o [64, 64], gate_up [272, 64], down [64, 136]; each weight
     # goes from 4 bytes to 1, plus a float32 scale per output channel (embedding and LM head stay float32)
     weights, channels = 5 * (128 * 64 + 64 * 64 + 272 * 64 + 64 * 136), 5 * (128 + 64 + 272 + 64)
-    assert dense_stats[0]["weight_bytes"] - stats[0]["weight_bytes"] == 3 * weights - 4 * channels
+    assert dense_stats[0]["weight_bytes"] - stats[(1, 1)][0]["weight_bytes"] == 3 * weights - 4 * channels
     # weight-only int8 stays close to float32: the first answer starts the same
     assert single[0].tokens[:2] == dense[0].tokens[:2]
 
