@@ -142,7 +142,7 @@ class BlockMethod(LinearMethod):
     def __init__(self, dtype: torch.dtype, fmt: str):
         super().__init__(dtype)
         self.format = fmt
-        self.block = quant_linear.FORMATS[fmt][0]
+        self.panels = False                 # set at load: the weight was repacked into quant_panels' layout
 
     def create_weights(self, layer):
         layer.weight = nn.Parameter(
@@ -157,22 +157,21 @@ class BlockMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer):
         """Q8_0 / Q4_0 / Q4_1 on AVX-512 CPUs: the rows reordered once into quant_panels' k-major panels (the same
-        bytes; layer.weight keeps them, layer.quant_panels_rows = N), unless the layer keeps its rows
-        (`keep_rows`: the LM head, whose rows the tied embedding reads)."""
+        bytes, kept in layer.weight), unless the layer keeps its rows (`keep_rows`: the LM head, whose rows the
+        tied embedding reads)."""
         w = layer.weight.data
-        layer.quant_panels_rows = 0
         if (w.numel() and quant_panels.supports(self.format) and not getattr(layer, "keep_rows", False)
                 and native.available() and native.lib().quant_panels_avx512()):
             layer.weight.data = quant_panels.repack(w, self.format, layer.in_features)
-            layer.quant_panels_rows = w.shape[0]
+            self.panels = True
 
     def apply(self, layer, x, bias):
-        if getattr(layer, "quant_panels_rows", 0):
-            out = quant_panels.linear(x.float(), layer.weight, self.format, layer.quant_panels_rows,
-                                      layer.in_features, None if bias is None else bias.float())
-            return out.to(x.dtype)
-        out = quant_linear.linear(x.float(), layer.weight, self.format, layer.in_features,
-                                  None if bias is None else bias.float())
+        bias = None if bias is None else bias.float()
+        if self.panels:
+            out = quant_panels.linear(x.float(), layer.weight, self.format, layer.out_features, layer.in_features,
+                                      bias)
+        else:
+            out = quant_linear.linear(x.float(), layer.weight, self.format, layer.in_features, bias)
         return out.to(x.dtype)
 
 

@@ -161,7 +161,7 @@ def _weight(linear) -> tuple[int, int]:
     (quant_linear's code) or repacked into quant_panels' layout (QUANT_PANELS + quant_linear's code)."""
     if isinstance(linear.method, formats.BlockMethod):
         code = quant_linear.format_code(linear.method.format)
-        return linear.weight.data_ptr(), code + (QUANT_PANELS if getattr(linear, "quant_panels_rows", 0) else 0)
+        return linear.weight.data_ptr(), code + (QUANT_PANELS if linear.method.panels else 0)
     return linear.packed.data_ptr(), -1
 
 
