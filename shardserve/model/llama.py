@@ -152,10 +152,17 @@ class LlamaForCausalLM(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Tied embeddings on a rank holding both ends: the embedding reads the LM head's rows (one copy), where
-        the head keeps them as loaded (blocks, or dense without a packed copy). Runs after the children's."""
+        the head keeps them as loaded (blocks, or dense without a packed copy) or in bf16 panels it can look rows
+        up in. Runs after the children's."""
+        if not self.ties_on_this_rank():
+            return
         embed, head = self.model.embed_tokens, self.lm_head
-        if (self.ties_on_this_rank() and embed.weight.shape == head.weight.shape
-                and embed.weight.dtype == head.weight.dtype and torch.equal(embed.weight, head.weight)):
+        lookup = head.method.row_lookup(head)
+        if lookup is not None and embed.format == "dense":
+            if torch.equal(lookup(torch.arange(embed.weight.shape[0])), embed.weight):
+                embed.read_rows_from(lookup)
+        elif (embed.weight.shape == head.weight.shape and embed.weight.dtype == head.weight.dtype
+                and torch.equal(embed.weight, head.weight)):
             embed.weight.data = head.weight.data
 
     def checkpoint_aliases(self) -> dict[str, str]:

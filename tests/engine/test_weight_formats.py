@@ -10,6 +10,7 @@ import torch
 import tiny_checkpoints as checkpoints
 from parity import Run, check_parity, engine_runs, hf_greedy
 from shardserve import LLM, SamplingParams
+from shardserve.kernels.cpu import bf16_linear
 
 PROMPTS = [[1, 5, 9, 33], [1, 200, 13, 7, 88, 91, 4, 100, 250, 17, 3, 600, 42, 42, 9, 870, 31, 2, 5, 77], [1, 42]]
 MAX_TOKENS = 12
@@ -23,11 +24,12 @@ def llama_bf16(tmp_path_factory) -> str:
 
 
 def run(path: str, tp: int = 1, pp: int = 1, **kwargs) -> tuple[list[Run], list[dict]]:
-    """Greedy runs of PROMPTS and every rank's memory_stats."""
+    """Greedy runs of PROMPTS and every rank's memory_stats, with its weight_formats under "formats"."""
     with LLM(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=128,
              kv_cache_memory=16 << 20, **kwargs) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-        return engine_runs(outs), llm.engine.executor.collective_rpc("memory_stats")
+        rpc = llm.engine.executor.collective_rpc
+        return engine_runs(outs), [dict(s, formats=f) for s, f in zip(rpc("memory_stats"), rpc("weight_formats"))]
 
 
 def check_layouts(path: str, what: str, **kwargs) -> tuple[list[Run], dict[tuple[int, int], list[dict]]]:
@@ -50,8 +52,13 @@ def file_tensor_bytes(path: str) -> int:
 
 @pytest.mark.timeout(600)
 def test_bfloat16_layouts_and_hf(llama_bf16):
-    """bf16 safetensors run in bf16 (dtype auto) on every layout, and match HF transformers in bf16."""
-    single, _ = check_layouts(llama_bf16, "bf16")
+    """bf16 safetensors run in bf16 (dtype auto) on every layout, and match HF transformers in bf16; on AVX512-BF16
+    CPUs every linear runs on the VDPBF16PS kernel (PanelBF16)."""
+    single, by_layout = check_layouts(llama_bf16, "bf16")
+    expected = "PanelBF16" if bf16_linear.supported() else "OneDNN"
+    for layout, stats in by_layout.items():
+        held = {fmt for rank in stats for fmt in rank["formats"].values()}
+        assert held == {expected}, (layout, held)
     hf = hf_greedy(llama_bf16, PROMPTS, MAX_TOKENS, dtype=torch.bfloat16)
     for i, (a, b) in enumerate(zip(single, hf)):
         check_parity(a, b, f"bf16 vs HF bf16, prompt {i}")

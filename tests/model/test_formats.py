@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardserve.kernels.cpu import native_linear
+from shardserve.kernels.cpu import bf16_linear, native_linear
 from shardserve.model.layers import formats
 
 
@@ -32,7 +32,8 @@ def test_dense_method_by_dtype_and_device():
     panel = native_linear.preferred()
     assert isinstance(formats.dense_method(torch.float32, "cpu"),
                       formats.PanelF32Method if panel else formats.OneDNNMethod)
-    assert isinstance(formats.dense_method(torch.bfloat16, "cpu"), formats.OneDNNMethod)
+    assert isinstance(formats.dense_method(torch.bfloat16, "cpu"),
+                      formats.PanelBF16Method if bf16_linear.supported() else formats.OneDNNMethod)
     assert type(formats.dense_method(torch.float16, "cuda")) is formats.DenseMethod
 
 

@@ -1,9 +1,13 @@
 /* A range of Llama-family decoder layers for one step in one call (float32 activations, CPU, one rank): the
  * same C kernels in the same order as the per-op path in llama.py, so the same values bit for bit, without a
  * return to Python between ops (~15 ms of a ~130 ms batch-64 decode step there). Built by native.py.
+ * A bfloat16 model (Step.bf16) runs the same way on float32 buffers that are rounded to bfloat16 wherever its
+ * tensors are stored in bf16 (after each linear, rotary, attention, residual add and norm), with a bf16 KV cache
+ * and its linears on linear_bf16.c (VDPBF16PS): bf16 values, float32 accumulation, no Python between ops.
  *
  * layers   [n_layers, LAYER_PTRS] int64: each layer's tensor addresses (the enum below) and its linears' weight
- *          formats: -1 for float32 packed for linear_f32, quant_linear.c's format code of GGUF rows as stored,
+ *          formats: -1 for float32 packed for linear_f32, -2 for bfloat16 packed for linear_bf16, quant_linear.c's
+ *          format code of GGUF rows as stored,
  *          or QUANT_PANELS + that code for weights repacked into quant_panels.c's k-major panels;
  *          qkv bias may be 0 (NULL)
  * x        [T, H]  in: the stage's input hidden states; out: the last layer's output
@@ -37,16 +41,30 @@ int quant_linear_f32(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw,
 int64_t quant_row_bytes(int fmt, int64_t K);
 int quant_panels_linear_f32(const float *x, int64_t ldx, const uint8_t *w, const float *bias, float *out,
                             int64_t ldo, int64_t M, int64_t N, int64_t K, int fmt, int threads);
+int linear_bf16(const float *x, int64_t ldx, const uint16_t *w, const float *bias, float *out, int64_t ldo,
+                int64_t M, int64_t N, int64_t K, int threads);
+int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+                      uint16_t *k_cache, uint16_t *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads);
+void paged_decode_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *slots,
+                       const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
+                       float scale, int threads);
+void prefill_attention_bf16(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int64_t *segs, int64_t N, const int64_t *slots, float *out, int64_t Hq,
+                            int64_t Hk, int64_t D, float scale, int threads);
+void round_bf16_rows(float *x, int64_t T, int64_t cols, int64_t ld, int threads);
+void add_round_bf16(const float *x, float *residual, int64_t T, int64_t H, int threads);
 #define QUANT_PANELS 100   /* native_decoder.QUANT_PANELS */
+#define LINEAR_BF16 (-2)   /* native_decoder.LINEAR_BF16 */
 
 enum { IN_NORM, POST_NORM, QKV_W, QKV_B, O_W, GATE_UP_W, DOWN_W, K_CACHE, V_CACHE,
        QKV_F, O_F, GATE_UP_F, DOWN_F, LAYER_PTRS };
 
-/* out = x W^T (+ bias) for a weight in format fmt (-1: linear_f32's panels; >= QUANT_PANELS: quant_panels.c). Returns 0, or 1 when the quantized
- * kernel failed (its scratch could not be allocated): the caller finishes the layers (row streams meet at a
- * barrier per layer) and reports it after. */
+/* out = x W^T (+ bias) for a weight in format fmt (-1: linear_f32's panels; -2: linear_bf16's; >= QUANT_PANELS:
+ * quant_panels.c). Returns 0, or 1 when the kernel failed (its scratch could not be allocated): the caller
+ * finishes the layers (row streams meet at a barrier per layer) and reports it after. */
 static int linear(int64_t fmt, const float *x, int64_t ldx, const void *w, const float *bias, float *out,
                   int64_t ldo, int64_t M, int64_t N, int64_t K, int th) {
+    if (fmt == LINEAR_BF16) return linear_bf16(x, ldx, (const uint16_t *)w, bias, out, ldo, M, N, K, th) != 0;
     if (fmt < 0) {
         linear_f32(x, ldx, (const float *)w, bias, out, ldo, M, N, K, th);
         return 0;
@@ -62,6 +80,7 @@ typedef struct {
     int64_t T, H, Hq, Hk, D, I, num_slots;        /* tokens, hidden, heads, kv heads, head dim, intermediate */
     float eps, scale;
     int64_t threads, fused_silu;                  /* fused_silu: gate_up packed for linear_silu_f32 */
+    int64_t bf16;                                 /* a bf16 model: bf16 KV cache, buffers rounded to bf16 */
     const int64_t *positions, *slot_mapping;      /* [T] */
     const float *cos, *sin;                       /* [max_positions, D / 2] */
     int64_t num_decode, decode_width;             /* decode rows come first: B, and L of decode_slots */
@@ -104,6 +123,27 @@ static void scatter_kept(const Step *s, int64_t r0, float *x, float *residual, i
     }
 }
 
+/* A bf16 model's tensor is stored in bf16: its [rows, cols] buffer (row stride ld) rounded in place. */
+static void as_bf16(const Step *s, float *x, int64_t rows, int64_t cols, int64_t ld, int th) {
+    if (s->bf16) round_bf16_rows(x, rows, cols, ld, th);
+}
+
+/* h = norm(x + residual) * weight and residual = x + residual (rows T); without has_residual the sum is x. */
+static void add_norm(const Step *s, const float *weight, const float *x, float *residual, float *h, int64_t T,
+                     int has_residual, int th) {
+    const int64_t H = s->H;
+    if (!has_residual) {                          /* the first layer: its input is the residual */
+        memcpy(residual, x, sizeof(float) * (size_t)(T * H));
+        rms_norm_f32(x, NULL, weight, h, NULL, T, H, s->eps, th);
+    } else if (s->bf16) {                         /* the bf16 sum is rounded before the norm reads it */
+        add_round_bf16(x, residual, T, H, th);
+        rms_norm_f32(residual, NULL, weight, h, NULL, T, H, s->eps, th);
+    } else {
+        rms_norm_f32(x, residual, weight, h, residual, T, H, s->eps, th);
+    }
+    as_bf16(s, h, T, H, H, th);
+}
+
 /* Layers over rows [r0, r1) of the step, which hold decode rows [d0, d1) and prefill chunks [c0, c1), on
  * `th` threads per kernel. With skip_unsampled, the last layer writes every row's K/V but runs attention,
  * o_proj and the MLP only for the kept (sampled) rows: nothing reads the others' outputs. Returns the number
@@ -120,39 +160,53 @@ static int64_t run_rows(const int64_t *layers, int64_t n_layers, const Step *s, 
     for (int64_t l = 0; l < n_layers; l++) {
         const float *const *p = (const float *const *)(layers + l * LAYER_PTRS);
         const int64_t *fmt = layers + l * LAYER_PTRS;
-        float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
+        void *k_cache = (void *)p[K_CACHE], *v_cache = (void *)p[V_CACHE];
         const int skip = s->skip_unsampled && l == n_layers - 1;
-        if (has_residual) {
-            rms_norm_f32(x, residual, p[IN_NORM], h, residual, T, H, s->eps, th);
-        } else {                                  /* the first layer: its input is the residual */
-            memcpy(residual, x, sizeof(float) * (size_t)(T * H));
-            rms_norm_f32(x, NULL, p[IN_NORM], h, NULL, T, H, s->eps, th);
-            has_residual = 1;
-        }
+        add_norm(s, p[IN_NORM], x, residual, h, T, has_residual, th);
+        has_residual = 1;
         if (linear(fmt[QKV_F], h, H, p[QKV_W], p[QKV_B], qkv, nqkv, T, nqkv, H, th)) *failed = 1;
+        as_bf16(s, qkv, T, nqkv, nqkv, th);
         rotary_f32(qkv, positions, s->cos, s->sin, q, T, s->Hq, s->D, nqkv, th);
         rotary_f32(qkv + nq, positions, s->cos, s->sin, k, T, s->Hk, s->D, nqkv, th);
-        bad += kv_write_f32(k, nkv, qkv + nq + nkv, nqkv, slot_mapping, k_cache, v_cache, T, nkv, s->num_slots, th);
-        if (d1 > d0)
-            paged_decode_f32(s->q + d0 * nq, k_cache, v_cache, s->decode_slots + d0 * s->decode_width,
-                             s->decode_lens + d0, s->attn + d0 * nq, d1 - d0, s->Hq, s->Hk, s->D, s->decode_width,
-                             s->scale, th);
-        if (c1 > c0)                              /* chunk rows in segs are absolute: the step's q and attn */
-            prefill_attention_f32(s->q, nq, k_cache, v_cache, (skip ? s->keep_segs : s->segs) + 4 * c0, c1 - c0,
-                                  s->seg_slots, s->attn, s->Hq, s->Hk, s->D, s->scale, th);
+        as_bf16(s, q, T, nq, nq, th);
+        if (s->bf16)                              /* rounds k as it stores it */
+            bad += kv_write_bf16(k, nkv, qkv + nq + nkv, nqkv, slot_mapping, k_cache, v_cache, T, nkv, s->num_slots,
+                                 th);
+        else
+            bad += kv_write_f32(k, nkv, qkv + nq + nkv, nqkv, slot_mapping, k_cache, v_cache, T, nkv, s->num_slots,
+                                th);
+        const int64_t *dslots = s->decode_slots + d0 * s->decode_width, *dlens = s->decode_lens + d0;
+        const int64_t *segs = (skip ? s->keep_segs : s->segs) + 4 * c0;   /* chunk rows are absolute: the step's */
+        if (d1 > d0 && s->bf16)
+            paged_decode_bf16(s->q + d0 * nq, k_cache, v_cache, dslots, dlens, s->attn + d0 * nq, d1 - d0, s->Hq,
+                              s->Hk, s->D, s->decode_width, s->scale, th);
+        else if (d1 > d0)
+            paged_decode_f32(s->q + d0 * nq, k_cache, v_cache, dslots, dlens, s->attn + d0 * nq, d1 - d0, s->Hq,
+                             s->Hk, s->D, s->decode_width, s->scale, th);
+        if (c1 > c0 && s->bf16)
+            prefill_attention_bf16(s->q, nq, k_cache, v_cache, segs, c1 - c0, s->seg_slots, s->attn, s->Hq, s->Hk,
+                                   s->D, s->scale, th);
+        else if (c1 > c0)
+            prefill_attention_f32(s->q, nq, k_cache, v_cache, segs, c1 - c0, s->seg_slots, s->attn, s->Hq, s->Hk,
+                                  s->D, s->scale, th);
         int64_t M = T, k0 = 0, k1 = 0;
         if (skip) M = gather_kept(s, r0, r1, attn, residual, nq, H, &k0, &k1);
+        as_bf16(s, attn, M, nq, nq, th);
         if (linear(fmt[O_F], attn, nq, p[O_W], NULL, x, H, M, H, nq, th)) *failed = 1;
         if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
-        rms_norm_f32(x, residual, p[POST_NORM], h, residual, M, H, s->eps, th);
+        as_bf16(s, x, M, H, H, th);
+        add_norm(s, p[POST_NORM], x, residual, h, M, 1, th);
         if (s->fused_silu) {
             linear_silu_f32(h, H, p[GATE_UP_W], act, I, M, I, H, th);
         } else {
             if (linear(fmt[GATE_UP_F], h, H, p[GATE_UP_W], NULL, gate_up, 2 * I, M, 2 * I, H, th)) *failed = 1;
+            as_bf16(s, gate_up, M, 2 * I, 2 * I, th);
             silu_mul_f32(gate_up, act, M, I, 2 * I, th);
         }
+        as_bf16(s, act, M, I, I, th);
         if (linear(fmt[DOWN_F], act, I, p[DOWN_W], NULL, x, H, M, H, I, th)) *failed = 1;
         if (s->all_reduce && s->all_reduce(x, M, H)) return -1;
+        as_bf16(s, x, M, H, H, th);
         if (skip) scatter_kept(s, r0, x, residual, H, k0, k1);
         /* Streams start each layer together, so the second to read a weight mostly finds it in L3 (a layer's
          * weights are 14 MB at SmolLM2): without this each stream streams every weight from DRAM on its own.

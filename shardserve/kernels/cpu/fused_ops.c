@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cpu_math.h"
+#include "half.h"
 
 #define PARALLEL_MIN_ELEMS 32768
 
@@ -91,6 +92,50 @@ int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v
         memcpy(v_cache + s * row, v + t * v_stride, sizeof(float) * (size_t)row);
     }
     return bad;
+}
+
+/* kv_write_f32 for a bfloat16 cache: each value rounded to the nearest bfloat16 as it is stored. */
+int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+                      uint16_t *k_cache, uint16_t *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (T * row >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0 || s >= num_slots) {
+            bad++;
+            continue;
+        }
+        const float *kr = k + t * k_stride, *vr = v + t * v_stride;
+        uint16_t *kc = k_cache + s * row, *vc = v_cache + s * row;
+#pragma omp simd
+        for (int64_t i = 0; i < row; i++) {
+            kc[i] = float_to_bf16(kr[i]);
+            vc[i] = float_to_bf16(vr[i]);
+        }
+    }
+    return bad;
+}
+
+/* x[t, 0:cols] (row stride ld) rounded in place to the nearest bfloat16, for t < T: where a bf16 model's tensor
+ * would be stored in bf16, the one-call decoder rounds its float32 buffer. */
+void round_bf16_rows(float *x, int64_t T, int64_t cols, int64_t ld, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * cols >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        float *r = x + t * ld;
+#pragma omp simd
+        for (int64_t i = 0; i < cols; i++) r[i] = round_bf16(r[i]);
+    }
+}
+
+/* residual = round_bf16(x + residual) over T rows of H (a bf16 model's residual add). */
+void add_round_bf16(const float *x, float *residual, int64_t T, int64_t H, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * H >= PARALLEL_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * H;
+        float *r = residual + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) r[i] = round_bf16(xr[i] + r[i]);
+    }
 }
 
 /* Index of the first maximum of x[0:n], torch.argmax's answer: NaN counts as the maximum (its first one wins).

@@ -1,4 +1,5 @@
-"""Fused element-wise ops (fused_ops.c) for float32 on the CPU; each returns None (or False) when it does not apply.
+"""Fused element-wise ops (fused_ops.c) for float32 on the CPU (bfloat16 KV caches too); each returns None (or False)
+when it does not apply.
 
 Callers keep their torch expression as the fallback (CUDA, other dtypes, no C compiler), and the tests check
 both give the same values.
@@ -53,18 +54,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor) -> bool:
-    """k_cache[slots] = k, v_cache[slots] = v (k/v [T, Hk, hd], any row stride); False when it does not apply."""
-    if (not native.applies(k, v, k_cache, v_cache) or slots.dtype != torch.int64 or not slots.is_contiguous()
+    """k_cache[slots] = k, v_cache[slots] = v (k/v [T, Hk, hd] float32, any row stride; caches float32, or bfloat16
+    rounded to nearest even as torch's .to(bfloat16)); False when it does not apply."""
+    kind = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(k_cache.dtype)
+    if (kind is None or v_cache.dtype != k_cache.dtype or k_cache.device.type != "cpu" or not native.applies(k, v)
+            or slots.dtype != torch.int64 or not slots.is_contiguous()
             or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k.shape != v.shape
             or k.shape[1:] != k_cache.shape[1:] or v_cache.shape != k_cache.shape
             or any(x.stride(2) != 1 or x.stride(1) != x.shape[2] for x in (k, v))):
         return False
     row = k.shape[1] * k.shape[2]
-    bad = native.lib().kv_write_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
-                                    k_cache.data_ptr(), v_cache.data_ptr(), k.shape[0], row, k_cache.shape[0],
-                                    torch.get_num_threads())
+    bad = getattr(native.lib(), f"kv_write_{kind}")(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                                    slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                                    k.shape[0], row, k_cache.shape[0], torch.get_num_threads())
     if bad:
         raise IndexError(f"KV write: {bad} slot(s) outside the cache's {k_cache.shape[0]} slots")
+    return True
+
+
+def round_bf16_(x: torch.Tensor) -> bool:
+    """x [T, C] float32 (columns contiguous) rounded in place to the nearest bfloat16 (what the one-call decoder does
+    to a bf16 model's buffers); False when it does not apply."""
+    if x.dim() != 2 or x.stride(1) != 1 or not native.applies(x):
+        return False
+    native.lib().round_bf16_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), torch.get_num_threads())
     return True
 
 

@@ -23,22 +23,28 @@ import torch
 from shardserve.distributed import env
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "prefill_attention.c", "linear_f32.c",
-                                                      "fused_ops.c", "decoder_f32.c", "greedy_head.c", "sampling.c",
+                                                      "linear_bf16.c", "fused_ops.c", "decoder_f32.c", "greedy_head.c", "sampling.c",
                                                       "quant_linear.c", "quant_panels.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "half.h")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {                                  # C function -> (return type, argument types)
     "paged_decode_f32": (None, [_P] * 6 + [_I] * 5 + [_F, ctypes.c_int]),
+    "paged_decode_bf16": (None, [_P] * 6 + [_I] * 5 + [_F, ctypes.c_int]),
     "prefill_attention_f32": (None, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _F, ctypes.c_int]),
+    "prefill_attention_bf16": (None, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _F, ctypes.c_int]),
     "linear_f32_preferred": (ctypes.c_int, []),
     "linear_f32": (None, [_P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int]),
     "linear_silu_f32": (None, [_P, _I, _P, _P] + [_I] * 4 + [ctypes.c_int]),
+    "linear_bf16_supported": (ctypes.c_int, []),
+    "linear_bf16": (ctypes.c_int, [_P, _I, _P, _P, _P] + [_I] * 4 + [ctypes.c_int]),
     "decoder_layers_f32": (_I, [_P, _I, _P, _P, _P, ctypes.c_int]),
     "rms_norm_f32": (None, [_P] * 5 + [_I] * 2 + [_F, ctypes.c_int]),
     "rotary_f32": (None, [_P] * 5 + [_I] * 4 + [ctypes.c_int]),
     "silu_mul_f32": (None, [_P] * 2 + [_I] * 3 + [ctypes.c_int]),
     "kv_write_f32": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
+    "kv_write_bf16": (_I, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int]),
+    "round_bf16_rows": (None, [_P, _I, _I, _I, ctypes.c_int]),
     "argmax_rows_f32": (None, [_P, _I, _I, _I, _P, ctypes.c_int]),
     "greedy_head_supported": (ctypes.c_int, []),
     "top_p_filter_f32": (None, [_P, _I, _I, _I, _P, _P, ctypes.c_int]),

@@ -1,5 +1,7 @@
-/* Paged decode attention, float32: one query token per sequence attends over its context, reading K/V rows
- * in place from the block cache (no gathered copy). Built by native.py with gcc -O3 -fopenmp.
+/* Paged decode attention in float32 over a float32 or bfloat16 KV cache (paged_decode_f32 / paged_decode_bf16):
+ * one query token per sequence attends over its context, reading K/V rows in place from the block cache (no
+ * gathered copy); bfloat16 rows are widened exactly as they are read, so both give the same values for the same
+ * cached numbers. Built by native.py with gcc -O3 -fopenmp.
  *
  * q        [B, Hq, D]   query of each decode sequence (Hq = Hk * G; query heads of one kv head are adjacent)
  * k_cache  [S, Hk, D]   this rank's K cache, S = num_blocks * block_size slots; v_cache likewise
@@ -32,40 +34,43 @@ static inline float hsum16(v16 x) {
     return x[0];
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+#define AI static inline __attribute__((always_inline))
+
+/* a[0:n] . b[0:n], b a cache row's elements from b0 */
+AI float dot(const float *restrict a, const void *restrict b, int64_t b0, int64_t n, int bf16) {
     if ((n & 15) == 0) {
-        v16 acc = load16(a) * load16(b);
-        for (int64_t i = 16; i < n; i += 16) acc += load16(a + i) * load16(b + i);
+        v16 acc = load16(a) * load16_kv(b, b0, bf16);
+        for (int64_t i = 16; i < n; i += 16) acc += load16(a + i) * load16_kv(b, b0 + i, bf16);
         return hsum16(acc);
     }
     float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; i++) s += a[i] * load_kv(b, b0 + i, bf16);
     return s;
 }
 
-/* o[0:n] += p * v[0:n] */
-static inline void axpy(float *restrict o, float p, const float *restrict v, int64_t n) {
+/* o[0:n] += p * v[v0 : v0 + n] */
+AI void axpy(float *restrict o, float p, const void *restrict v, int64_t v0, int64_t n, int bf16) {
     if ((n & 15) == 0) {
-        for (int64_t i = 0; i < n; i += 16) store16(o + i, load16(o + i) + p * load16(v + i));
+        for (int64_t i = 0; i < n; i += 16) store16(o + i, load16(o + i) + p * load16_kv(v, v0 + i, bf16));
         return;
     }
-    for (int64_t i = 0; i < n; i++) o[i] += p * v[i];
+    for (int64_t i = 0; i < n; i++) o[i] += p * load_kv(v, v0 + i, bf16);
 }
 
 /* Prefetch a whole K or V row (all kv heads) ahead of use: rows of one block are contiguous, blocks are not. */
-static inline void prefetch_row(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+static inline void prefetch_row(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
 #define PREFETCH_AHEAD 6
 
 /* Prefetch into L2 (not L1) rows [from, to) of the next sequence's K and V, while this one computes. */
-static inline void prefetch_next(const float *k_cache, const float *v_cache, const int64_t *sl, int64_t from,
-                                 int64_t to, int64_t row) {
+static inline void prefetch_next(const char *k_cache, const char *v_cache, const int64_t *sl, int64_t from,
+                                 int64_t to, int64_t bytes) {
     for (int64_t t = from; t < to; t++)
-        for (int64_t i = 0; i < row; i += 16) {
-            __builtin_prefetch(k_cache + sl[t] * row + i, 0, 2);
-            __builtin_prefetch(v_cache + sl[t] * row + i, 0, 2);
+        for (int64_t i = 0; i < bytes; i += 64) {
+            __builtin_prefetch(k_cache + sl[t] * bytes + i, 0, 2);
+            __builtin_prefetch(v_cache + sl[t] * bytes + i, 0, 2);
         }
 }
 
@@ -83,10 +88,11 @@ static void token_share(const int64_t *lens, int64_t B, int th, int T, int64_t *
     if (*first == B) *last = B;
 }
 
-void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
-                      const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
-                      float scale, int threads) {
-    const int64_t G = Hq / Hk, row = Hk * D;      /* a slot's K (or V) row: all kv heads, contiguous */
+AI void paged_decode(const float *q, const char *k_cache, const char *v_cache, const int64_t *slots,
+                     const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
+                     float scale, int threads, const int bf16) {
+    /* a slot's K (or V) row: all kv heads, contiguous, of `bytes` bytes */
+    const int64_t G = Hq / Hk, row = Hk * D, bytes = row * (bf16 ? 2 : 4);
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(Hq * L));    /* [Hq, n] of the current sequence */
@@ -97,15 +103,15 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
             const int64_t next_n = b + 1 < last ? lens[b + 1] : 0, *next_sl = sl + L, half = next_n / 2;
             const float *qb = q + b * Hq * D;
             float *ob = out + b * Hq * D;
-            for (int64_t t = 0; t < PREFETCH_AHEAD && t < n; t++) prefetch_row(k_cache + sl[t] * row, row);
+            for (int64_t t = 0; t < PREFETCH_AHEAD && t < n; t++) prefetch_row(k_cache + sl[t] * bytes, bytes);
             for (int64_t t = 0; t < n; t++) {
-                const float *kr = k_cache + sl[t] * row;
-                if (t + PREFETCH_AHEAD < n) prefetch_row(k_cache + sl[t + PREFETCH_AHEAD] * row, row);
-                else if (t + PREFETCH_AHEAD - n < n) prefetch_row(v_cache + sl[t + PREFETCH_AHEAD - n] * row, row);
-                prefetch_next(k_cache, v_cache, next_sl, t * half / n, (t + 1) * half / n, row);
+                const char *kr = k_cache + sl[t] * bytes;
+                if (t + PREFETCH_AHEAD < n) prefetch_row(k_cache + sl[t + PREFETCH_AHEAD] * bytes, bytes);
+                else if (t + PREFETCH_AHEAD - n < n) prefetch_row(v_cache + sl[t + PREFETCH_AHEAD - n] * bytes, bytes);
+                prefetch_next(k_cache, v_cache, next_sl, t * half / n, (t + 1) * half / n, bytes);
                 for (int64_t h = 0; h < Hk; h++)
                     for (int64_t g = 0; g < G; g++)
-                        scores[(h * G + g) * n + t] = dot(qb + (h * G + g) * D, kr + h * D, D) * scale;
+                        scores[(h * G + g) * n + t] = dot(qb + (h * G + g) * D, kr, h * D, D, bf16) * scale;
             }
             for (int64_t hq = 0; hq < Hq; hq++) {
                 float *s = scores + hq * n, m = s[0], sum = 0.0f;
@@ -120,14 +126,28 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
             }
             memset(ob, 0, sizeof(float) * (size_t)(Hq * D));
             for (int64_t t = 0; t < n; t++) {
-                const float *vr = v_cache + sl[t] * row;
-                if (t + PREFETCH_AHEAD < n) prefetch_row(v_cache + sl[t + PREFETCH_AHEAD] * row, row);
+                const char *vr = v_cache + sl[t] * bytes;
+                if (t + PREFETCH_AHEAD < n) prefetch_row(v_cache + sl[t + PREFETCH_AHEAD] * bytes, bytes);
                 prefetch_next(k_cache, v_cache, next_sl, half + t * (next_n - half) / n,
-                              half + (t + 1) * (next_n - half) / n, row);
+                              half + (t + 1) * (next_n - half) / n, bytes);
                 for (int64_t h = 0; h < Hk; h++)
-                    for (int64_t g = 0; g < G; g++) axpy(ob + (h * G + g) * D, scores[(h * G + g) * n + t], vr + h * D, D);
+                    for (int64_t g = 0; g < G; g++)
+                        axpy(ob + (h * G + g) * D, scores[(h * G + g) * n + t], vr, h * D, D, bf16);
             }
         }
         free(scores);
     }
+}
+
+void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *slots,
+                      const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
+                      float scale, int threads) {
+    paged_decode(q, (const char *)k_cache, (const char *)v_cache, slots, lens, out, B, Hq, Hk, D, L, scale, threads, 0);
+}
+
+/* The same over a bfloat16 cache (k_cache, v_cache [S, Hk, D] bf16). */
+void paged_decode_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *slots,
+                       const int64_t *lens, float *out, int64_t B, int64_t Hq, int64_t Hk, int64_t D, int64_t L,
+                       float scale, int threads) {
+    paged_decode(q, (const char *)k_cache, (const char *)v_cache, slots, lens, out, B, Hq, Hk, D, L, scale, threads, 1);
 }

@@ -1,4 +1,5 @@
-/* Causal prefill attention, float32: every prefill chunk of a step in one call, K/V read from the block cache.
+/* Causal prefill attention in float32 over a float32 or bfloat16 KV cache (prefill_attention_f32 / _bf16): every
+ * prefill chunk of a step in one call, K/V read from the block cache (bfloat16 widened exactly as it is read).
  * Built by native.py with gcc -O3 -fopenmp.
  *
  * q        [T, Hq, D]   queries, row stride q_stride (the fused qkv output); a kv head's query heads adjacent
@@ -31,10 +32,13 @@
 #define ROWS 8          /* score rows per register tile: 8 accumulators, one K tile load each */
 #define PV_ROWS 4       /* output rows per P.V pass: 4 rows x up to 4 vectors = 16 accumulators */
 
+#define AI static inline __attribute__((always_inline))
+
 static inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const void *k_cache, *v_cache;     /* [S, Hk, D] float32, or bfloat16 where the functions below get bf16 = 1 */
     const int64_t *slots;
     float *out;
     int64_t q_stride, Hq, Hk, G, D;
@@ -49,13 +53,13 @@ typedef struct {
 } Item;
 
 /* A chunk's keys [0, ctx) of kv head h, transposed into 16-key tiles; the last tile's tail is zero. */
-static void transpose_keys(const Args *a, const int64_t *sl, int64_t ctx, int64_t h, float *kt) {
+AI void transpose_keys(const Args *a, const int64_t *sl, int64_t ctx, int64_t h, float *kt, const int bf16) {
     const int64_t D = a->D, row = a->Hk * D, tiles = (ctx + 15) / 16;
     memset(kt + (tiles - 1) * D * 16, 0, sizeof(float) * (size_t)(D * 16));
     for (int64_t j = 0; j < ctx; j++) {
-        const float *kr = a->k_cache + sl[j] * row + h * D;
+        const int64_t k0 = sl[j] * row + h * D;
         float *dst = kt + (j / 16) * D * 16 + (j % 16);
-        for (int64_t d = 0; d < D; d++) dst[d * 16] = kr[d];
+        for (int64_t d = 0; d < D; d++) dst[d * 16] = load_kv(a->k_cache, k0 + d, bf16);
     }
 }
 
@@ -100,18 +104,16 @@ static void softmax_rows(float *scores, int64_t width, const int64_t *visible, i
 }
 
 /* o_r[c0 .. c0 + 16 NC) = inv_sum_r * sum_j p_r[j] v_j over keys [0, kmax), for PV_ROWS rows at once. */
-static inline __attribute__((always_inline)) void pv_columns(const Args *a, const Item *it, const float *p,
-                                                             int64_t width, int64_t kmax, const float *inv_sum,
-                                                             float *const *orow, int64_t nrows, int64_t c0,
-                                                             const int NC) {
+AI void pv_columns(const Args *a, const Item *it, const float *p, int64_t width, int64_t kmax,
+                   const float *inv_sum, float *const *orow, int64_t nrows, int64_t c0, const int NC, const int bf16) {
     const int64_t row = a->Hk * a->D;
     v16 acc[PV_ROWS][4];
     for (int r = 0; r < PV_ROWS; r++)
         for (int c = 0; c < NC; c++) acc[r][c] = (v16){0};
     for (int64_t j = 0; j < kmax; j++) {
-        const float *vr = a->v_cache + it->sl[j] * row + it->h * a->D + c0;
+        const int64_t v0 = it->sl[j] * row + it->h * a->D + c0;
         v16 v[4];
-        for (int c = 0; c < NC; c++) v[c] = load16(vr + 16 * c);
+        for (int c = 0; c < NC; c++) v[c] = load16_kv(a->v_cache, v0 + 16 * c, bf16);
 #pragma GCC unroll 4
         for (int r = 0; r < PV_ROWS; r++) {
             const float pj = p[(r < nrows ? r : 0) * width + j];
@@ -122,9 +124,9 @@ static inline __attribute__((always_inline)) void pv_columns(const Args *a, cons
         for (int c = 0; c < NC; c++) store16(orow[r] + c0 + 16 * c, acc[r][c] * inv_sum[r]);
 }
 
-static void run_item(const Args *a, const Item *it, float *scores, int64_t width) {
+AI void run_item(const Args *a, const Item *it, float *scores, int64_t width, const int bf16) {
     const int64_t G = a->G, D = a->D, cached = it->ctx - it->n;
-    const int64_t kmax = cached + it->i1, nrows = (it->i1 - it->i0) * G;
+    const int64_t nrows = (it->i1 - it->i0) * G;
     const float *qr[QBLOCK * 64];
     float *orow[QBLOCK * 64], inv_sum[QBLOCK * 64];
     int64_t visible[QBLOCK * 64];
@@ -146,16 +148,16 @@ static void run_item(const Args *a, const Item *it, float *scores, int64_t width
         const float *p = scores + r0 * width;
         if (D % 64 == 0)
             for (int64_t c0 = 0; c0 < D; c0 += 64)
-                pv_columns(a, it, p, width, keys, inv_sum + r0, orow + r0, rn, c0, 4);
+                pv_columns(a, it, p, width, keys, inv_sum + r0, orow + r0, rn, c0, 4, bf16);
         else
             for (int64_t c0 = 0; c0 < D; c0 += 16)
-                pv_columns(a, it, p, width, keys, inv_sum + r0, orow + r0, rn, c0, 1);
+                pv_columns(a, it, p, width, keys, inv_sum + r0, orow + r0, rn, c0, 1, bf16);
     }
 }
 
-void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                           const int64_t *segs, int64_t N, const int64_t *slots, float *out, int64_t Hq,
-                           int64_t Hk, int64_t D, float scale, int threads) {
+AI void prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                          const int64_t *segs, int64_t N, const int64_t *slots, float *out, int64_t Hq, int64_t Hk,
+                          int64_t D, float scale, int threads, const int bf16) {
     const Args a = {q, k_cache, v_cache, slots, out, q_stride, Hq, Hk, Hq / Hk, D, scale};
     int64_t items = 0, width = 16, kt_floats = 0;
     int64_t *kt_at = malloc(sizeof(int64_t) * (size_t)N);     /* chunk s's transposed keys start here in kt */
@@ -173,7 +175,7 @@ void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cach
         for (int64_t sh = 0; sh < N * Hk; sh++) {
             const int64_t s = sh / Hk, h = sh % Hk, ctx = segs[s * 4 + 2];
             if (segs[s * 4 + 1] > 0)              /* a chunk may carry no queries (see sampled_row_segs) */
-                transpose_keys(&a, slots + segs[s * 4 + 3], ctx, h, kt + kt_at[s] + h * round16(ctx) * D);
+                transpose_keys(&a, slots + segs[s * 4 + 3], ctx, h, kt + kt_at[s] + h * round16(ctx) * D, bf16);
         }
         float *scores = malloc(sizeof(float) * (size_t)(QBLOCK * a.G * width));
 #pragma omp for schedule(dynamic, 1)
@@ -187,10 +189,23 @@ void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cach
             const int64_t b = blocks - 1 - k / Hk, h = k % Hk, n = segs[s * 4 + 1], ctx = segs[s * 4 + 2];
             const Item it = {segs[s * 4], n, ctx, slots + segs[s * 4 + 3], kt + kt_at[s] + h * round16(ctx) * D,
                              h, b * QBLOCK, (b + 1) * QBLOCK < n ? (b + 1) * QBLOCK : n};   /* later blocks first */
-            run_item(&a, &it, scores, width);
+            run_item(&a, &it, scores, width, bf16);
         }
         free(scores);
     }
     free(kt);
     free(kt_at);
+}
+
+void prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                           const int64_t *segs, int64_t N, const int64_t *slots, float *out, int64_t Hq,
+                           int64_t Hk, int64_t D, float scale, int threads) {
+    prefill_attention(q, q_stride, k_cache, v_cache, segs, N, slots, out, Hq, Hk, D, scale, threads, 0);
+}
+
+/* The same over a bfloat16 cache. */
+void prefill_attention_bf16(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int64_t *segs, int64_t N, const int64_t *slots, float *out, int64_t Hq,
+                            int64_t Hk, int64_t D, float scale, int threads) {
+    prefill_attention(q, q_stride, k_cache, v_cache, segs, N, slots, out, Hq, Hk, D, scale, threads, 1);
 }

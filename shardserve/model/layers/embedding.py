@@ -52,6 +52,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.weight_loader = lambda param, loaded, shard_id=None: self.shard.load(param, loaded, read)
 
+    def read_rows_from(self, rows) -> None:
+        """Look rows up with `rows(local_ids)` (a tied LM head's packed copy of the same rows) and drop this layer's
+        own copy."""
+        self.rows = rows
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
     def _dense_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(local_ids, self.weight)
 
@@ -84,7 +90,8 @@ class ParallelLMHead(LinearBase):
 
     def process_weights_after_loading(self) -> None:
         super().process_weights_after_loading()
-        if self.packed_rows and self.shard.size and greedy_head.supported():
+        if (isinstance(self.method, formats.PanelF32Method) and self.packed_rows and self.shard.size
+                and greedy_head.supported()):
             self.screen = greedy_head.GreedyScreen(self.packed, self.shard.size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:

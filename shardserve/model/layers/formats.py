@@ -7,7 +7,8 @@ stores, `process_weights_after_loading` turns it into what `apply` computes with
 
 Formats:
 - dense in the activation dtype: `PanelF32Method` (float32 on AVX-512 CPUs: the C panel GEMM),
-  `OneDNNMethod` (float32 / bfloat16 on other CPUs, and bfloat16 everywhere on the CPU: oneDNN's prepacked GEMM),
+  `PanelBF16Method` (bfloat16 on AVX512-BF16 CPUs: the C k-pair panel GEMM on VDPBF16PS),
+  `OneDNNMethod` (float32 / bfloat16 on other CPUs: oneDNN's prepacked GEMM),
   `DenseMethod` (F.linear: GPUs, float16, and CPUs without oneDNN);
 - `BlockMethod`: GGUF quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) kept as in the file, [N, row bytes]
   (Q8_0 / Q4_0 / Q4_1 reordered at load into quant_panels' k-major panels of the same bytes);
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardserve.kernels.cpu import native, native_linear, quant_linear, quant_panels
+from shardserve.kernels.cpu import bf16_linear, native, native_linear, quant_linear, quant_panels
 
 GGUF_BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 DENSE_FORMATS = ("F32", "F16", "BF16", "dense")       # stored as floats: loaded in the activation dtype
@@ -70,9 +71,16 @@ class LinearMethod:
         """silu(gate) * up straight from one fused GEMM (gate_up layers), or None when this format has none."""
         return None
 
+    def row_lookup(self, layer: nn.Module):
+        """ids -> rows [len(ids), K] of the weight in the activation dtype, read from the form this method holds it
+        in after loading (a tied embedding's lookups), or None when that form has no cheap row access (the plain
+        weight, where kept, is shared directly)."""
+        return None
+
     def extra_bytes(self, layer: nn.Module) -> int:
-        """Bytes this method holds beyond the layer's parameters (packed copies)."""
-        return 0
+        """Bytes this method holds beyond the layer's parameters (a packed copy in `layer.packed`)."""
+        packed = getattr(layer, "packed", None)
+        return 0 if packed is None else packed.numel() * packed.element_size()
 
 
 DenseMethod = LinearMethod
@@ -90,10 +98,6 @@ class OneDNNMethod(LinearMethod):
         if getattr(layer, "packed", None) is None:          # an empty shard (nothing to reorder)
             return F.linear(x, layer.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed, bias, "none", [], "")
-
-    def extra_bytes(self, layer):
-        packed = getattr(layer, "packed", None)
-        return 0 if packed is None else packed.numel() * packed.element_size()
 
 
 class PanelF32Method(LinearMethod):
@@ -130,9 +134,28 @@ class PanelF32Method(LinearMethod):
             return None
         return native_linear.silu_linear(x, layer.packed, layer.packed_rows // 2)
 
-    def extra_bytes(self, layer):
-        packed = getattr(layer, "packed", None)
-        return 0 if packed is None else packed.numel() * packed.element_size()
+
+class PanelBF16Method(LinearMethod):
+    """bfloat16 on AVX512-BF16 CPUs: the weight packed into linear_bf16.c's k-pair panels (VDPBF16PS: bf16
+    products, float32 sums); outputs rounded to bf16 as F.linear's would be."""
+
+    def process_weights_after_loading(self, layer):
+        w = layer.weight.data
+        if not w.numel():
+            return
+        layer.packed = bf16_linear.pack(w)
+        layer.packed_rows = w.shape[0]
+        layer.weight.data = torch.empty(0, dtype=self.dtype)
+
+    def apply(self, layer, x, bias):
+        if not getattr(layer, "packed_rows", 0):
+            return F.linear(x, layer.weight, bias)
+        return bf16_linear.linear(x, layer.packed, bias, layer.packed_rows, layer.in_features).to(x.dtype)
+
+    def row_lookup(self, layer):
+        if not getattr(layer, "packed_rows", 0):
+            return None
+        return lambda ids: bf16_linear.rows(layer.packed, ids, layer.in_features)
 
 
 class BlockMethod(LinearMethod):
@@ -201,6 +224,8 @@ def dense_method(dtype: torch.dtype, device: torch.device | str, gate_up: bool =
     if torch.device(device).type == "cpu":
         if dtype == torch.float32 and native_linear.preferred():
             return PanelF32Method(dtype, gate_up)
+        if dtype == torch.bfloat16 and bf16_linear.supported():
+            return PanelBF16Method(dtype)
         if dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
             return OneDNNMethod(dtype)
     return DenseMethod(dtype)

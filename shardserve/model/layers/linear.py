@@ -47,7 +47,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.packed: torch.Tensor | None = None     # set by methods that reorder the weight
-        self.packed_rows = 0                        # N of a weight packed into panels (PanelF32Method), else 0
+        self.packed_rows = 0                        # N of a weight packed into panels (PanelF32/BF16Method), else 0
         self.use_method(formats.dense_method(dtype, torch.get_default_device(), self.gate_up))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)

@@ -1,9 +1,10 @@
 """A stage's Llama decoder layers in one C call per step (decoder_f32.c).
 
-Applies to float32 activations on the CPU with linears in panel-packed float32 (native_linear) or GGUF blocks
-(quant_linear) and a head size the attention kernels take; under TP the C code calls back into Python for the two
-all-reduces of each layer. Otherwise llama.py runs its per-op path, which computes the same values with the same
-kernels.
+Applies on the CPU to float32 activations with linears in panel-packed float32 (native_linear) or GGUF blocks
+(quant_linear), and to bfloat16 ones with linears in bf16 k-pair panels (bf16_linear) or GGUF blocks, with a head size
+the attention kernels take; under TP the C code calls back into Python for the two all-reduces of each layer.
+Otherwise llama.py runs its per-op path: for float32 the same values with the same kernels; for bfloat16 the same
+kernels for the linears, torch for the rest.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from shardserve.model.layers import formats
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 QUANT_PANELS = 100          # decoder_f32.c: format codes from here on are quant_panels.c's layout
+LINEAR_BF16 = -2            # decoder_f32.c: bf16 weights packed for linear_bf16.c
 
 
 class Step(ctypes.Structure):
     """Mirror of decoder_f32.c's Step."""
     _fields_ = ([(name, _I) for name in ("T", "H", "Hq", "Hk", "D", "I", "num_slots")]
-                + [("eps", _F), ("scale", _F), ("threads", _I), ("fused_silu", _I)]
+                + [("eps", _F), ("scale", _F), ("threads", _I), ("fused_silu", _I), ("bf16", _I)]
                 + [(name, _P) for name in ("positions", "slot_mapping", "cos", "sin")]
                 + [("num_decode", _I), ("decode_width", _I), ("decode_slots", _P), ("decode_lens", _P)]
                 + [("num_segs", _I), ("segs", _P), ("seg_slots", _P)]
@@ -46,32 +48,43 @@ class NativeDecoder:
         self.eps, self.scale = first.input_layernorm.eps, attn.scale
         self.rotary = first.self_attn.rotary
         self.fused_silu = first.mlp.gate_up_proj.gate_up_silu
+        self.dtype = first.input_layernorm.weight.dtype         # the activations' (float32 or bfloat16)
+        # float32 copies of what a bf16 model holds in bf16 and the C code reads as float32 (norms, qkv bias)
+        self.held = [[t.float().contiguous() for t in (layer.input_layernorm.weight,
+                                                      layer.post_attention_layernorm.weight)]
+                     + ([] if layer.self_attn.qkv_proj.bias is None else [layer.self_attn.qkv_proj.bias.float()])
+                     for layer in layers] if self.dtype == torch.bfloat16 else None
         # Per layer, decoder_f32.c's table: in/post norm, qkv weight and bias, o, gate_up, down (the caches go
         # between these and the formats at each step, bound later), then the four linears' format codes.
         self.weight_ptrs, self.formats = [], []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             linears = _linears(layer)
             qkv, o, gate_up, down = (_weight(m) for m in linears)
-            self.weight_ptrs.append([layer.input_layernorm.weight.data_ptr(),
-                                     layer.post_attention_layernorm.weight.data_ptr(), qkv[0],
-                                     _ptr(layer.self_attn.qkv_proj.bias), o[0], gate_up[0], down[0]])
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            bias = layer.self_attn.qkv_proj.bias
+            if self.held is not None:
+                norms, bias = self.held[i][:2], (self.held[i][2] if bias is not None else None)
+            self.weight_ptrs.append([norms[0].data_ptr(), norms[1].data_ptr(), qkv[0], _ptr(bias), o[0], gate_up[0],
+                                     down[0]])
             self.formats.append([qkv[1], o[1], gate_up[1], down[1]])
 
     @staticmethod
     def supports(layers: list) -> bool:
-        """Float32 activations; linears float32 panel-packed or GGUF blocks; no o_proj/MLP bias (TP adds it after
-        the all-reduce); heads the kernels take."""
+        """Float32 activations with linears float32 panel-packed or GGUF blocks, or bfloat16 ones with linears bf16
+        panel-packed or GGUF blocks; no o_proj/MLP bias (TP adds it after the all-reduce); heads the kernels take."""
         if not layers or not native.available():
             return False
         first = layers[0]
         attn = first.self_attn.attn
         linears = [m for layer in layers for m in _linears(layer)]
-        return (all(isinstance(m.method, (formats.PanelF32Method, formats.BlockMethod)) for m in linears)
+        dense = {torch.float32: formats.PanelF32Method, torch.bfloat16: formats.PanelBF16Method}.get(
+            first.input_layernorm.weight.dtype)
+        return (dense is not None
+                and all(isinstance(m.method, (dense, formats.BlockMethod)) for m in linears)
                 and all(m.packed_rows or isinstance(m.method, formats.BlockMethod) for m in linears)
                 and len({layer.mlp.gate_up_proj.gate_up_silu for layer in layers}) == 1
                 and all(m.bias is None for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                                                       layer.mlp.down_proj))
-                and first.input_layernorm.weight.dtype == torch.float32
                 and attn.head_dim % 16 == 0 and attn.num_heads // attn.num_kv_heads <= 64)
 
     def run(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
@@ -82,8 +95,9 @@ class NativeDecoder:
         t, hd = x.shape[0], self.head_dim
         nq, nkv, inter = self.heads * hd, self.kv_heads * hd, self.intermediate
         has_residual = residual is not None
-        x = x.contiguous().clone()                  # written in place by the kernel
-        residual = residual.contiguous().clone() if has_residual else torch.empty_like(x)
+        x = x.to(torch.float32, copy=True).contiguous()             # written in place by the kernel
+        residual = residual.to(torch.float32, copy=True).contiguous() if has_residual else torch.empty_like(x)
+        assert self.layers[0].self_attn.attn.k_cache.dtype == self.dtype, "the KV cache holds the activation dtype"
         table = torch.tensor([ptrs + [layer.self_attn.attn.k_cache.data_ptr(), layer.self_attn.attn.v_cache.data_ptr()]
                               + fmts for ptrs, layer, fmts in zip(self.weight_ptrs, self.layers, self.formats)],
                              dtype=torch.int64)
@@ -93,7 +107,8 @@ class NativeDecoder:
         alive = [batch.positions.contiguous(), batch.slot_mapping.contiguous()]     # held through the call
         step = Step(T=t, H=self.hidden, Hq=self.heads, Hk=self.kv_heads, D=hd, I=inter,
                     num_slots=self.layers[0].self_attn.attn.k_cache.shape[0], eps=self.eps, scale=self.scale,
-                    threads=_threads(), fused_silu=int(self.fused_silu), positions=alive[0].data_ptr(),
+                    threads=_threads(), fused_silu=int(self.fused_silu), bf16=int(self.dtype == torch.bfloat16),
+                    positions=alive[0].data_ptr(),
                     slot_mapping=alive[1].data_ptr(),
                     cos=self.rotary.cos.data_ptr(), sin=self.rotary.sin.data_ptr(),
                     **{name: buf.data_ptr() for name, buf in scratch.items()})
@@ -125,7 +140,7 @@ class NativeDecoder:
             raise MemoryError("a quantized linear layer could not allocate its scratch buffer")
         if bad:
             raise IndexError(f"KV write: {bad} slot(s) outside the cache's {step.num_slots} slots")
-        return x, residual
+        return x.to(self.dtype), residual.to(self.dtype)        # bf16: exact, the C code rounded them
 
 
 _ALL_REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
@@ -157,12 +172,13 @@ def _linears(layer) -> tuple:
 
 
 def _weight(linear) -> tuple[int, int]:
-    """(address, decoder_f32.c format code) of a linear's weight: float32 panels (-1), GGUF blocks as stored
-    (quant_linear's code) or repacked into quant_panels' layout (QUANT_PANELS + quant_linear's code)."""
+    """(address, decoder_f32.c format code) of a linear's weight: float32 panels (-1), bf16 panels (LINEAR_BF16),
+    GGUF blocks as stored (quant_linear's code) or repacked into quant_panels' layout (QUANT_PANELS + the code)."""
     if isinstance(linear.method, formats.BlockMethod):
         code = quant_linear.format_code(linear.method.format)
         return linear.weight.data_ptr(), code + (QUANT_PANELS if linear.method.panels else 0)
-    return linear.packed.data_ptr(), -1
+    bf16 = isinstance(linear.method, formats.PanelBF16Method)
+    return linear.packed.data_ptr(), LINEAR_BF16 if bf16 else -1
 
 
 def _ptr(t: torch.Tensor | None) -> int:
