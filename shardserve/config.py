@@ -144,6 +144,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None        # bytes per rank; None: a fraction of free memory
     memory_fraction: float = 0.9              # of free device memory (CUDA) after the weights
     cpu_memory_fraction: float = 0.25         # of available RAM, shared by the local ranks (CPU)
+    cpu_kv_cache_cap: int = 4 << 30           # at most this per node by default (CPU; vLLM's CPU backend's 4 GiB)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:

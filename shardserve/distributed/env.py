@@ -16,6 +16,7 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
                               "rotary, SiLU*mul, the KV write and greedy argmax, built with gcc on first use) "
                               "or 'torch' (pure torch ops)",
+    "SHARDSERVE_LOGGING_LEVEL": "level of shardserve's log lines on stderr: DEBUG, INFO (default), WARNING, ERROR",
     "SHARDSERVE_NUM_THREADS": "torch threads per rank (overrides the even split of the cores)",
     "SHARDSERVE_CPU_BIND": "CPU ranks of one node: 'auto' (default: each rank pinned to its own cores when the "
                            "ranks' threads fit on the allowed cores) or 'off' (the OS places them)",
@@ -57,6 +58,14 @@ def _get_int(name: str, *, minimum: int | None = None) -> int | None:
     if minimum is not None and out < minimum:
         raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
     return out
+
+
+def logging_level() -> str:
+    """SHARDSERVE_LOGGING_LEVEL, upper-cased; default "INFO"."""
+    level = (_get("SHARDSERVE_LOGGING_LEVEL") or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"SHARDSERVE_LOGGING_LEVEL={level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
 
 
 def host_ip() -> str:

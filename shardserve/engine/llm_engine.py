@@ -5,6 +5,7 @@ for the oldest one when the pipeline is full (or nothing new can be scheduled).
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -19,7 +20,21 @@ from shardserve.executor.base import create_executor
 from shardserve.model.tokenizer import IncrementalDetokenizer, load_tokenizer
 from shardserve.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
+
 PromptType = str | list[int] | dict
+
+
+def _cache_rule(config: EngineConfig) -> str:
+    """Why the KV cache has the size it has, for the start-up line."""
+    cache = config.cache
+    if cache.kv_cache_memory is not None:
+        return "kv_cache_memory, zeroed up front"
+    if config.parallel.device != "cpu":
+        return f"{cache.memory_fraction:.0%} of free device memory after the weights"
+    return (f"the CPU default: at most {cache.cpu_memory_fraction:.0%} of available RAM and "
+            f"{cache.cpu_kv_cache_cap >> 30} GiB per node, and what max_num_seqs x max_model_len can use; "
+            f"pages fault in as they are used")
 
 
 @dataclass
@@ -61,6 +76,8 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown()
             raise
+        log.info("KV cache: %d tokens per rank in %.0f MiB (%s); --kv-cache-memory (bytes per rank) sets it",
+                 num_blocks * cache_cfg.block_size, self.executor.kv_cache_bytes / (1 << 20), _cache_rule(config))
         self.scheduler = Scheduler(self.block_manager, sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens,
                                    sched_cfg.max_model_len, self.executor.max_concurrent_batches,
                                    eos_token_ids=config.model.spec.eos_token_ids)

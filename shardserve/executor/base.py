@@ -20,6 +20,7 @@ class Executor(ABC):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.num_blocks = 0
+        self.kv_cache_bytes = 0          # the largest rank's KV cache, after start()
 
     @property
     def max_concurrent_batches(self) -> int:
@@ -33,7 +34,7 @@ class Executor(ABC):
         self.num_blocks = min(self.collective_rpc("num_available_blocks"))
         if self.num_blocks < 1:
             raise ValueError("no memory left for the KV cache; set kv_cache_memory (bytes) or free memory")
-        self.collective_rpc("init_cache", self.num_blocks)
+        self.kv_cache_bytes = max(self.collective_rpc("init_cache", self.num_blocks))
         return self.num_blocks
 
     @abstractmethod

@@ -107,7 +107,7 @@ class ExternalLauncherExecutor(Executor):
             self.num_blocks = self._min_over_ranks(self.worker.num_available_blocks())
             if self.num_blocks < 1:
                 raise ValueError("no memory left for the KV cache; set kv_cache_memory (bytes) or free memory")
-            self.collective_rpc("init_cache", self.num_blocks)
+            self.kv_cache_bytes = max(self.collective_rpc("init_cache", self.num_blocks))
         except BaseException as exc:
             self.failure = exc
             raise

@@ -56,17 +56,24 @@ class ModelRunner:
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
         return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
 
-    def init_cache(self, num_blocks: int) -> None:
-        """One K and one V tensor per owned layer: [num_blocks * block_size, kv_heads_local, head_dim].
+    def init_cache(self, num_blocks: int, zero: bool = True) -> int:
+        """One K and one V tensor per owned layer: [num_blocks * block_size, kv_heads_local, head_dim]; returns
+        their bytes.
 
-        Zeroed, as vLLM does: that touches every page now rather than at first use, where faulting the cache
-        in page by page cost ~2 s of a 37 s CPU benchmark run (BENCHMARKS.md); and slot 0, which pads decode batches,
-        must hold finite values.
+        zero: every page touched now, as vLLM does, rather than at first use, where faulting the cache in page by
+        page cost ~2 s of a 37 s CPU benchmark run (BENCHMARKS.md). Otherwise only the first block is zeroed: slot 0
+        pads decode batches and must hold finite values; every other slot is written before it is read.
         """
-        slots = num_blocks * self.block_size
+        slots, nbytes = num_blocks * self.block_size, 0
         for attn in self.attn_layers:
-            k_cache = torch.zeros(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
-            attn.bind_cache(k_cache, torch.zeros_like(k_cache))
+            pair = []
+            for _ in range(2):
+                cache = torch.empty(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+                (cache if zero else cache[:self.block_size]).zero_()
+                pair.append(cache)
+                nbytes += cache.numel() * cache.element_size()
+            attn.bind_cache(*pair)
+        return nbytes
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -70,20 +70,21 @@ class Worker:
     def num_available_blocks(self) -> int:
         """How many KV blocks this rank can hold (the executor takes the minimum over ranks)."""
         cache, sched = self.config.cache, self.config.scheduler
-        per_block = self.runner.kv_bytes_per_block()
-        if cache.kv_cache_memory is not None:
-            budget = cache.kv_cache_memory
-        elif self.ctx.device.type == "cuda":
+        if cache.kv_cache_memory is None and self.ctx.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.ctx.device)
             budget = int(free * cache.memory_fraction)
         else:
-            budget = int(_available_ram() * cache.cpu_memory_fraction / self.dist_init.local_world_size)
+            budget = kv_cache_budget(cache, self.dist_init.local_world_size, _available_ram())
         in_flight = self.config.parallel.pipeline_parallel_size     # one batch of max_num_seqs per stage
         useful = in_flight * sched.max_num_seqs * -(-sched.max_model_len // cache.block_size) + 1
-        return max(0, min(budget // max(per_block, 1), useful))
+        return max(0, min(budget // max(self.runner.kv_bytes_per_block(), 1), useful))
 
-    def init_cache(self, num_blocks: int) -> None:
-        self.runner.init_cache(num_blocks)
+    def init_cache(self, num_blocks: int) -> int:
+        """Allocate the KV cache; returns its bytes on this rank. A cache sized by kv_cache_memory (memory the user
+        reserved) or on a GPU is zeroed now; the CPU default is a ceiling whose pages fault in as they are used."""
+        cache = self.config.cache
+        return self.runner.init_cache(num_blocks, zero=cache.kv_cache_memory is not None
+                                      or self.ctx.device.type != "cpu")
 
     # ---- steps --------------------------------------------------------------------------------------
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -136,6 +137,14 @@ def _status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def kv_cache_budget(cache, local_ranks: int, available_ram: int) -> int:
+    """KV-cache bytes per rank on the CPU: kv_cache_memory when set, else this rank's share of the node's default,
+    min(cpu_memory_fraction of available RAM, cpu_kv_cache_cap)."""
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory
+    return int(min(available_ram * cache.cpu_memory_fraction, cache.cpu_kv_cache_cap) / local_ranks)
 
 
 def _available_ram() -> int:

@@ -61,3 +61,26 @@ def test_launchers(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "4")
     with pytest.raises(ValueError, match="PMI_RANK"):
         env.launcher_rank()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("level,shown", [(None, True), ("warning", False), ("DEBUG", True)])
+def test_logging_level_decides_what_reaches_stderr(level, shown):
+    """shardserve's INFO lines (the start-up facts) reach stderr by default; SHARDSERVE_LOGGING_LEVEL filters them."""
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k != "SHARDSERVE_LOGGING_LEVEL"}
+    if level:
+        child_env["SHARDSERVE_LOGGING_LEVEL"] = level
+    code = "import logging, shardserve; logging.getLogger('shardserve.x').info('start-up fact')"
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert ("start-up fact" in proc.stderr) == shown, proc.stderr
+
+
+def test_bad_logging_level(monkeypatch):
+    monkeypatch.setenv("SHARDSERVE_LOGGING_LEVEL", "LOUD")
+    with pytest.raises(ValueError, match="SHARDSERVE_LOGGING_LEVEL"):
+        env.logging_level()
