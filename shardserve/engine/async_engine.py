@@ -20,6 +20,10 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (a worker died); nothing more can be served."""
 
 
+class EngineStoppingError(EngineDeadError):
+    """The server is shutting down: it takes no new requests, and cuts those still running at its drain deadline."""
+
+
 class AsyncEngine:
     def __init__(self, make_engine: Callable[[], LLMEngine], max_waiting_requests: int | None = None):
         """Builds the engine with `make_engine()` in the engine thread (its errors are raised here).
@@ -33,6 +37,7 @@ class AsyncEngine:
         self.wakeup = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.dead: Exception | None = None
+        self.refusing: str | None = None        # why new requests are refused (the server is draining)
         self.stopping = False
         self.num_submitted = 0                  # sequences submitted (event loop side)
         self.num_added = 0                      # sequences the engine thread took in (or dropped)
@@ -65,6 +70,8 @@ class AsyncEngine:
         """
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
+        if self.refusing is not None:
+            raise EngineStoppingError(self.refusing)
         waiting = self.num_waiting()
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise OverflowError(f"{waiting} requests are already waiting")
@@ -103,6 +110,24 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
         self._send(("abort", request_id))
+
+    def stop_accepting(self, reason: str) -> None:
+        """Refuse every new request from now on (EngineStoppingError(reason)); those already queued go on."""
+        self.refusing = reason
+
+    def abort_all(self, error: Exception) -> int:
+        """End every request in progress: its consumer gets `error` (raised from its iterator) and the engine drops
+        its sequences. Returns how many were cut."""
+        cut = 0
+        for request_id in list(self.streams):
+            target = self.streams.pop(request_id, None)
+            if target is None:                  # it finished meanwhile
+                continue
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, error)
+            self._send(("abort", request_id))
+            cut += 1
+        return cut
 
     def shutdown(self) -> None:
         self.stopping = True

@@ -45,13 +45,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--max-waiting-requests", type=int, default=None)
+    parser.add_argument("--max-waiting-requests", type=int, default=2048, metavar="N",
+                        help="answer 503 with Retry-After once N sequences wait for a running slot (default 2048; "
+                             "one request may queue up to 1,024)")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
                         help="close a connection with no request in progress after S seconds idle (default 5)")
     parser.add_argument("--timeout-request-header", type=float, default=10.0, metavar="S",
                         help="close a connection whose request head is not complete S seconds after it could "
                              "start, however slowly it trickles in (default 10)")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                        help="on SIGTERM/SIGINT stop taking requests (503) and let those in progress finish for up to "
+                             "S seconds; then end each remaining stream with an error event and [DONE], answer each "
+                             "remaining non-streaming request 503, stop the workers and exit 0 (default 10)")
     parser.add_argument("--headless", action="store_true",
                         help="run only this node's ranks for node 0's engine (with --nnodes, --node-rank >= 1, "
                              "--master-addr, --master-port; no API server)")

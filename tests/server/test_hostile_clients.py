@@ -255,3 +255,146 @@ def test_one_small_body_cannot_queue_unbounded_work(server, prompts, n, words):
     assert r.json()["error"]["param"] == "prompt"
     ok = httpx.post(server.url + "/v1/completions", timeout=60, json={"prompt": "Hello", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+# ---- abandoned work (issue 17 item 2) -------------------------------------------------------------------
+GAUGES = ("shardserve_num_requests_running", "shardserve_num_requests_waiting", "shardserve_kv_cache_usage_perc")
+
+
+@pytest.fixture(scope="module")
+def slow_server(llama_gqa):
+    """Two sequences run at a time and a request may generate 500 tokens, so a request of 16 sequences takes
+    seconds; --max-waiting-requests is left at its default."""
+    with serving(llama_gqa, "--max-num-seqs", "2", "--max-model-len", "512") as srv:
+        yield srv
+
+
+def metrics(server) -> dict[str, float]:
+    """The engine gauges, and every finished sequence so far (shardserve_request_success_total, all reasons)."""
+    out = {"finished": 0.0}
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in GAUGES:
+            out[name] = float(value)
+        elif name.startswith("shardserve_request_success_total"):
+            out["finished"] += float(value.split()[0])
+    return out
+
+
+def idle(m: dict[str, float]) -> bool:
+    return all(m[g] == 0 for g in GAUGES)
+
+
+def post_raw(port: int, path: str, body: dict) -> socket.socket:
+    """Send a POST on a connection of its own and leave the response unread; closing the socket hangs up."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
+    return sock
+
+
+def wait_freed(server, since: float, timeout: float = 10) -> tuple[float, dict[str, float]]:
+    """Seconds from `since` (monotonic) until running, waiting and KV usage are all 0 (or `timeout`), and the
+    metrics then."""
+    while not idle(m := metrics(server)) and time.monotonic() - since < timeout:
+        time.sleep(0.02)
+    return time.monotonic() - since, m
+
+
+ABANDONED = {
+    "completions, 4 prompts x n=4": ("/v1/completions", {"prompt": ["Once", "Upon", "A", "Time"], "n": 4}),
+    "chat, n=16": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Once"}], "n": 16}),
+    "streamed completions, 4 prompts x n=4": ("/v1/completions",
+                                              {"prompt": ["Once", "Upon", "A", "Time"], "n": 4, "stream": True}),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(ABANDONED))
+def test_a_client_that_gives_up_frees_its_sequences_at_once(slow_server, case):
+    """16 sequences of 480 tokens, two at a time (seconds of work); the client's 0.5 s timeout expires and it hangs
+    up (the streaming one hangs up mid-stream). Within a second nothing runs, waits or holds KV blocks, and none of
+    the 16 sequences ever finishes."""
+    path, extra = ABANDONED[case]
+    body = {"model": "tiny", "max_tokens": 480, "ignore_eos": True, "temperature": 0, **extra}
+    before = metrics(slow_server)
+    assert idle(before), before
+    gave_up: list = []
+    seen = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=httpx.Timeout(10, read=0.5)) as c:
+            if extra.get("stream"):             # hangs up mid-stream, once the test has seen its sequences
+                with c.stream("POST", slow_server.url + path, json=body) as r:
+                    for _ in r.iter_lines():
+                        if seen.is_set():
+                            break
+            else:
+                try:
+                    r = c.post(slow_server.url + path, json=body)
+                    gave_up.append(f"no timeout: {r.status_code} {r.text}")
+                    return
+                except httpx.ReadTimeout:
+                    pass
+        gave_up.append(time.monotonic())        # the client's connection is closed by now
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    busy = before
+    while thread.is_alive():
+        m = metrics(slow_server)
+        if idle(busy) and not idle(m):
+            busy = m
+            seen.set()
+        time.sleep(0.02)
+    thread.join()
+    assert isinstance(gave_up[0], float), gave_up
+    took, after = wait_freed(slow_server, since=gave_up[0])
+    print(f"{case}: running {busy['shardserve_num_requests_running']:.0f}, waiting "
+          f"{busy['shardserve_num_requests_waiting']:.0f} before the client gave up; all freed {took:.2f} s after")
+    assert not idle(busy), "the request never showed in the engine"
+    assert took < 1.0, f"the abandoned sequences were still there {took:.2f} s after the client hung up: {after}"
+    time.sleep(0.2)
+    assert metrics(slow_server)["finished"] == before["finished"], "an abandoned sequence was run to its end"
+
+
+@pytest.mark.timeout(120)
+def test_the_waiting_queue_is_bounded_by_default(slow_server):
+    """No --max-waiting-requests: two requests of 1,024 sequences each bring the queue to the default bound (2,048
+    sequences, 2 of them running, so 2,046 waiting), then a third such request passes it and is refused with 503
+    and Retry-After (the few sequences of it already queued are withdrawn); when the two clients hang up their
+    2,048 sequences are gone within a second."""
+    body = {"model": "tiny", "prompt": [[1, 2, 3]] * 256, "n": 4, "max_tokens": 480, "ignore_eos": True}
+    socks = []
+
+    def in_engine(n: int) -> bool:                 # n sequences queued (a few pairs of them may be done already)
+        m = metrics(slow_server)
+        return m["shardserve_num_requests_running"] + m["shardserve_num_requests_waiting"] >= n - 16
+
+    try:
+        for k in (1, 2):
+            socks.append(post_raw(slow_server.port, "/v1/completions", body))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not in_engine(1024 * k):
+                time.sleep(0.02)
+        waiting = metrics(slow_server)["shardserve_num_requests_waiting"]
+        assert in_engine(2048), waiting
+        r = httpx.post(slow_server.url + "/v1/completions", json=body, timeout=10)
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "service_unavailable" and "at capacity" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 1          # the part of it that was queued is withdrawn
+        while metrics(slow_server)["shardserve_num_requests_waiting"] > waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metrics(slow_server)["shardserve_num_requests_waiting"] <= waiting
+    finally:
+        for sock in socks:
+            sock.close()
+        hung_up = time.monotonic()
+    took, after = wait_freed(slow_server, since=hung_up)
+    print(f"default bound: {waiting:.0f} waiting, a third request refused; 2,048 sequences freed {took:.2f} s after "
+          "their clients hung up")
+    assert took < 1.0, after
+    ok = httpx.post(slow_server.url + "/v1/completions", timeout=60, json={"prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text

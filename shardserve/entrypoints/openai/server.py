@@ -8,21 +8,23 @@ import json
 import logging
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardserve.core.outputs import RequestOutput
-from shardserve.engine.async_engine import AsyncEngine, EngineDeadError
+from shardserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStoppingError
 from shardserve.entrypoints.openai import responses as R
 from shardserve.entrypoints.openai.errors import error_response
-from shardserve.entrypoints.openai.limits import (MAX_BODY_BYTES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST_HEADER,
-                                                  BodyLimit, BodyTooLarge, guarded_protocol)
+from shardserve.entrypoints.openai.limits import (MAX_BODY_BYTES, MAX_WAITING_REQUESTS, SHUTDOWN_TIMEOUT,
+                                                  TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST_HEADER, BodyLimit, BodyTooLarge,
+                                                  guarded_protocol)
 from shardserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     TokenizeRequest)
 from shardserve.model.tokenizer import apply_chat_template
@@ -147,6 +149,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     def ensure_alive() -> None:
         if engine.dead is not None:
             raise EngineDeadError(f"the engine stopped: {engine.dead}")
+        if engine.refusing is not None:
+            raise EngineStoppingError(engine.refusing)
 
     def prepare(prompt, max_tokens: int | None, param: str) -> tuple[str | None, list[int]]:
         """Tokenize and check one prompt; blocking (a long prompt takes seconds): call it off the event loop."""
@@ -165,6 +169,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def health():
         if engine.dead is not None:
             return error_response(503, f"the engine stopped: {engine.dead}", "service_unavailable")
+        if engine.refusing is not None:
+            return error_response(503, engine.refusing, "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -200,7 +206,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         return {"prompt": await asyncio.to_thread(decode)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         ensure_alive()
         try:
@@ -224,7 +230,10 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if req.stream:
             return _sse(_stream_completions(streams, request_id, served_model_name, n, echo, req, tokenizer,
                                             metrics))
-        finals = await _collect(streams)
+        ids = [f"{request_id}-{i}" for i in range(len(streams))]
+        finals = await _unless_disconnected(request, _collect(streams), lambda: [engine.abort(i) for i in ids])
+        if finals is None:
+            return _client_gone()
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
@@ -238,7 +247,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         return body
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         ensure_alive()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -259,7 +268,10 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         stream = engine.generate(request_id, {"prompt_token_ids": ids}, params)
         if req.stream:
             return _sse(_stream_chat(stream, request_id, served_model_name, req, top, tokenizer, metrics))
-        (final,) = await _collect([stream])
+        finals = await _unless_disconnected(request, _collect([stream]), lambda: engine.abort(request_id))
+        if finals is None:
+            return _client_gone()
+        (final,) = finals
         metrics.observe(final)
         choices = [R.chat_choice(c.index, c.text, R.chat_logprobs(tokenizer, c, 0, top), c.finish_reason, False)
                    for c in final.outputs]
@@ -286,12 +298,50 @@ def _default_max(ids: list[int], max_len: int) -> int:
 
 
 async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each stream's final output; if one fails (or this is cancelled) the others are cancelled, which aborts them."""
     async def last(stream):
         final = None
         async for out in stream:
             final = out
         return final
-    return await asyncio.gather(*(last(s) for s in streams))
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable, abort: Callable[[], object]):
+    """Await `work` (a non-streaming request's generation) while watching its connection: if the client hangs up
+    first (a timeout, a disconnect), cancel the work, `abort()` its engine requests and return None, so abandoned
+    work stops at once instead of running to max_tokens for no one. Streaming responses watch the connection in
+    Starlette's StreamingResponse."""
+    async def disconnected() -> bool:
+        while True:                             # the body is read: what comes next is http.disconnect
+            if (await request.receive())["type"] == "http.disconnect":
+                return True
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and (watcher.cancelled() or watcher.exception() is not None):
+            await asyncio.wait((task,))        # the watch failed, not the client: just wait for the work
+        if task.done():
+            return task.result()
+        logger.info("the client hung up before its response: its requests are aborted")
+        return None
+    finally:
+        watcher.cancel()
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            task.cancel()
+            abort()
+
+
+def _client_gone() -> Response:
+    """The answer to a client that is no longer there (nginx's 499); it is never seen."""
+    return error_response(499, "the client closed the connection before the response", "client_closed_request")
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -396,10 +446,41 @@ def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
 
 
 # ---- `shardserve serve` ------------------------------------------------------------------------------
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a bounded shutdown (SIGINT/SIGTERM) that ends every request cleanly.
+
+    uvicorn's own shutdown stops listening, closes idle connections and waits for the rest. On top of that the
+    engine refuses new work at once (503, and 503 from /health) and, `drain_timeout` s after the signal, cuts every
+    request still in progress: a stream gets an error event and `[DONE]`, a non-streaming request a 503 with an
+    OpenAI error body. uvicorn's own deadline (`timeout_graceful_shutdown`, set a second later) then only has to
+    drop connections whose client stopped reading. The lifespan's end stops the engine and its workers.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout: float):
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        engine, drain = self.engine, self.drain_timeout
+        engine.stop_accepting("the server is shutting down; send the request to another replica or retry later")
+        logger.warning("shutting down: %d request(s) in progress get up to %g s to finish", len(engine.streams), drain)
+
+        def cut() -> None:
+            n = engine.abort_all(EngineStoppingError(
+                f"the server is shutting down and this request did not finish within its {drain:g} s drain timeout "
+                "(--shutdown-timeout); retry it"))
+            if n:
+                logger.warning("shutdown: cut %d request(s) still in progress after %g s", n, drain)
+
+        timer = asyncio.get_running_loop().call_later(drain, cut)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def run_server(ns: argparse.Namespace) -> int:
     import os
-
-    import uvicorn
 
     from shardserve.engine.engine_args import EngineArgs
     from shardserve.engine.llm_engine import LLMEngine
@@ -408,19 +489,27 @@ def run_server(ns: argparse.Namespace) -> int:
     header = getattr(ns, "timeout_request_header", TIMEOUT_REQUEST_HEADER)
     if not (keep_alive > 0 and header > 0):
         raise ValueError(f"--timeout-keep-alive and --timeout-request-header must be > 0, got {keep_alive}, {header}")
+    drain = getattr(ns, "shutdown_timeout", SHUTDOWN_TIMEOUT)
+    if not drain >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {drain}")
+    max_waiting = getattr(ns, "max_waiting_requests", MAX_WAITING_REQUESTS)
+    if max_waiting is not None and max_waiting < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {max_waiting}")
     args = EngineArgs.from_cli_args(ns)
     args.model = ns.model_tag or args.model
     name = ns.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
                                     else "SmolLM2-135M-Instruct")
-    async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), ns.max_waiting_requests)
+    async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), max_waiting)
     app = create_app(async_engine, name, ns.api_key)
-    # uvicorn's keep-alive timeout is an int in its signature but only ever handed to loop.call_later
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30,
+    # uvicorn's keep-alive timeout is an int in its signature but only ever handed to loop.call_later; its graceful
+    # shutdown deadline only has to outlast the drain (cut requests end within a moment of it)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                            timeout_graceful_shutdown=drain + 1,  # type: ignore[arg-type]
                             http=guarded_protocol(header), timeout_keep_alive=keep_alive)  # type: ignore[arg-type]
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, async_engine, drain)
     print(f"shardserve: serving {name!r} on http://{ns.host}:{ns.port}/v1 "
           f"(tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size})", flush=True)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal for the previous handler:
+    # uvicorn shuts down on SIGINT/SIGTERM (draining, above), then re-raises the signal for the previous handler:
     # make that handler a no-op so the process exits 0 after stopping the engine and its workers.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
