@@ -1,7 +1,13 @@
-"""Tokenizers (HF folder or GGUF), chat templates and an incremental detokenizer for streaming."""
+"""Tokenizers (HF folder or GGUF), chat templates and an incremental detokenizer for streaming.
+
+The tokenizer is a FastTokenizer (the `tokenizers` package alone, token for token what transformers builds) where
+one can be built: an HF tokenizer.json of the generic class, or a GGUF byte-level BPE vocab. Others (a
+sentencepiece GGUF vocab, a tokenizer class transformers rebuilds in code) fall back to transformers, logged.
+"""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -10,6 +16,7 @@ from typing import Any
 
 from shardserve.model.spec import ModelSpec
 
+log = logging.getLogger(__name__)
 _CACHE: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
 
@@ -20,7 +27,7 @@ def _disk_cache_dir(gguf_path: str) -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "shardserve", "tokenizers", key)
 
 
-def _load_gguf_tokenizer(gguf_path: str):
+def _transformers_gguf_tokenizer(gguf_path: str):
     """Convert the GGUF tokenizer with transformers (~3.5 s for SmolLM2), cached on disk (~0.3 s to reload)."""
     from transformers import AutoTokenizer
 
@@ -45,22 +52,39 @@ def _load_gguf_tokenizer(gguf_path: str):
     return tok
 
 
+def build_tokenizer(spec: ModelSpec, use_transformers: bool = False):
+    """A new tokenizer for the checkpoint: a FastTokenizer when one reproduces transformers' (unless
+    `use_transformers`), else transformers' AutoTokenizer."""
+    if spec.format == "gguf":
+        if not use_transformers:
+            from shardserve.model.fast_tokenizer import gguf_tokenizer
+            from shardserve.model.gguf_metadata import read_gguf_metadata
+            tok, why = gguf_tokenizer(read_gguf_metadata(spec.weights_path))
+            if tok is not None:
+                return tok
+            log.info("tokenizer of %s: built with transformers (%s)", spec.weights_path, why)
+        return _transformers_gguf_tokenizer(spec.weights_path)
+    folder = spec.weights_path
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (or tokenizer.model); add the model's "
+                                "tokenizer files to the folder, or pass prompt_token_ids instead of text")
+    if not use_transformers:
+        from shardserve.model.fast_tokenizer import hf_folder_tokenizer
+        tok, why = hf_folder_tokenizer(folder)
+        if tok is not None:
+            return tok
+        log.info("tokenizer of %s: built with transformers (%s)", folder, why)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_tokenizer(spec: ModelSpec):
-    """The HF fast tokenizer of a checkpoint (folder files or the GGUF's embedded vocab), cached per path."""
+    """The checkpoint's tokenizer (folder files or the GGUF's embedded vocab), built once per path."""
     key = (spec.format, spec.weights_path)
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
-    from transformers import AutoTokenizer
-
-    if spec.format == "gguf":
-        tok = _load_gguf_tokenizer(spec.weights_path)
-    else:
-        folder = spec.weights_path
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
-            raise FileNotFoundError(f"{folder} has no tokenizer.json (or tokenizer.model); add the model's "
-                                    "tokenizer files to the folder, or pass prompt_token_ids instead of text")
-        tok = AutoTokenizer.from_pretrained(folder)
+    tok = build_tokenizer(spec)
     with _LOCK:
         _CACHE.setdefault(key, tok)
         return _CACHE[key]

@@ -120,6 +120,14 @@ class Worker:
         return {"rank": self.dist_init.rank, "weight_bytes": weights, "peak_rss_bytes": _status_bytes("VmHWM"),
                 "rss_bytes": _status_bytes("VmRSS")}
 
+    def startup_stats(self) -> dict:
+        """What this rank's start-up read and imported: GGUF metadata parses (0 where the driver's spec, tensor
+        table included, sufficed) and whether transformers got imported."""
+        import sys
+        from shardserve.model import gguf_metadata
+        return {"rank": self.dist_init.rank, "gguf_metadata_parses": gguf_metadata.parse_count,
+                "transformers_imported": "transformers" in sys.modules}
+
     def weight_formats(self) -> dict[str, str]:
         """Each linear layer of this rank -> the format its weight is held in ("Q4_K", "I8", "PanelF32", ...)."""
         return {name: m.method.format if m.method.format != "dense" else type(m.method).__name__.removesuffix("Method")

