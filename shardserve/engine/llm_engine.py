@@ -16,7 +16,7 @@ from shardserve.core.block_manager import BlockManager
 from shardserve.core.outputs import CompletionOutput, Logprob, ModelRunnerOutput, RequestOutput
 from shardserve.core.scheduler import Scheduler
 from shardserve.core.sequence import Sequence, SequenceStatus
-from shardserve.executor.base import create_executor
+from shardserve.executor.create_executor import create_executor
 from shardserve.model.tokenizer import IncrementalDetokenizer, load_tokenizer
 from shardserve.sampling_params import SamplingParams
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from concurrent.futures import Future
 
 from shardserve.config import EngineConfig
@@ -21,6 +22,9 @@ class Executor(ABC):
         self.config = config
         self.num_blocks = 0
         self.kv_cache_bytes = 0          # the largest rank's KV cache, after start()
+        # steps submitted and not yet resolved, oldest first: (future, what _collect needs to resolve it)
+        self.pending: deque[tuple[StepFuture, object]] = deque()
+        self.failure: BaseException | None = None      # the first failure; every later call raises it
 
     @property
     def max_concurrent_batches(self) -> int:
@@ -48,6 +52,32 @@ class Executor(ABC):
     def check_health(self) -> None:
         self.collective_rpc("check_health")
 
+    # ---- steps in flight (executors whose steps resolve later: mp, Ray, external launcher) ------------------
+    def _submit(self, payload) -> StepFuture:
+        """A future for a step just sent, resolved (in submission order) by _collect(payload)."""
+        future = StepFuture(self)
+        self.pending.append((future, payload))
+        return future
+
+    def _collect(self, payload):
+        """The last stage's output of the oldest step; on a failure, _fail_pending and raise."""
+        raise NotImplementedError
+
+    def _resolve_oldest(self) -> None:
+        future, payload = self.pending[0]
+        value = self._collect(payload)
+        self.pending.popleft()
+        future.set_result(value)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Record the first failure and hand it to every step still in flight."""
+        if self.failure is None:
+            self.failure = error
+        for future, _ in self.pending:
+            if not future.done():
+                future.set_exception(error)
+        self.pending.clear()
+
     @abstractmethod
     def shutdown(self) -> None:
         """Stop every worker and release what the launch created; safe to call twice."""
@@ -69,19 +99,3 @@ class StepFuture(Future):
             self.executor._resolve_oldest()
         return super().result(timeout)
 
-
-def create_executor(config: EngineConfig) -> Executor:
-    backend = config.parallel.backend
-    if backend == "uni":
-        from shardserve.executor.uniproc import UniProcExecutor
-        return UniProcExecutor(config)
-    if backend == "mp":
-        from shardserve.executor.multiproc import MultiprocExecutor
-        return MultiprocExecutor(config)
-    if backend == "ray":
-        from shardserve.executor.ray import RayExecutor
-        return RayExecutor(config)
-    if backend == "external_launcher":
-        from shardserve.executor.external import ExternalLauncherExecutor
-        return ExternalLauncherExecutor(config)
-    raise ValueError(f"distributed_executor_backend {backend!r} is not supported; use uni, mp, ray or external_launcher")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections import deque
 from concurrent.futures import Future
 
 import torch
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.parallel_state import create_store
-from shardserve.executor.base import Executor, WorkerError, StepFuture
+from shardserve.executor.base import Executor, WorkerError
 from shardserve.worker.worker import DistInit, Worker
 
 DEFAULT_BASE_PORT = 29500        # base port under mpirun when neither MASTER_PORT nor SHARDSERVE_PORT is set
@@ -70,8 +69,6 @@ class ExternalLauncherExecutor(Executor):
         local_world = env.launcher_local_world_size() or self.world_size
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
         self.group: dist.ProcessGroup | None = None      # Gloo over the whole world: step outputs, block count
-        self.pending: deque[tuple[Future, ModelRunnerOutput | None]] = deque()
-        self.failure: BaseException | None = None
         self.store: dist.TCPStore | None = None
         addr, port, launch_id = "127.0.0.1", 0, ""
         if self.world_size > 1:
@@ -128,21 +125,16 @@ class ExternalLauncherExecutor(Executor):
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         """Run this rank's part now (PP sends and receives happen in submission order on every rank);
         the broadcast of the result waits until the engine asks for it, so PP stages overlap."""
-        future = StepFuture(self)
-        if self.failure is not None:
-            future.set_exception(self.failure)
-            return future
-        try:
-            local = self.worker.execute_model(sched)
-        except Exception as exc:
-            self._fail(exc)
-            future.set_exception(exc)
-            return future
-        self.pending.append((future, local))
+        if self.failure is None:
+            try:
+                return self._submit(self.worker.execute_model(sched))
+            except Exception as exc:
+                self._fail_pending(exc)
+        future = Future()                       # the failure surfaces at .result(), as in the other executors
+        future.set_exception(self.failure)
         return future
 
-    def _resolve_oldest(self) -> None:
-        future, local = self.pending.popleft()
+    def _collect(self, local: ModelRunnerOutput | None) -> ModelRunnerOutput:
         box = [local]
         if self.group is not None:
             # broadcast_object_list pickles: acceptable because the payload comes only from our own ranks,
@@ -152,18 +144,9 @@ class ExternalLauncherExecutor(Executor):
             except Exception as exc:
                 error = WorkerError(f"rank {self.rank}: receiving step output from rank {self.output_rank} "
                                     f"failed (another rank died or stopped?): {exc}")
-                future.set_exception(error)
-                self._fail(error)
-                return
-        future.set_result(box[0])
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-        for future, _ in self.pending:
-            if not future.done():
-                future.set_exception(exc)
-        self.pending.clear()
+                self._fail_pending(error)
+                raise error from exc
+        return box[0]
 
     def shutdown(self) -> None:
         """Wait (briefly) for the other ranks, then destroy the process groups; safe to call twice."""

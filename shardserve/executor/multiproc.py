@@ -13,7 +13,6 @@ import pickle
 import sys
 import time
 import uuid
-from collections import deque
 from concurrent.futures import Future
 from multiprocessing.connection import wait
 
@@ -21,7 +20,7 @@ from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.control_server import ControlServer, wait_for_agents
 from shardserve.distributed.netif import interface_for_ip
-from shardserve.executor.base import Executor, MainModuleReimportedError, WorkerError, StepFuture
+from shardserve.executor.base import Executor, MainModuleReimportedError, WorkerError
 from shardserve.executor.local_workers import (MAIN_REIMPORTED_EXIT, LocalWorkers, death_cause,
                                                exit_if_reimporting_main, main_guard_advice)
 from shardserve.executor.node_link import NodeLink, RemoteRank
@@ -42,8 +41,6 @@ class MultiprocExecutor(Executor):
         self.world_size = par.world_size
         self.launch_id = uuid.uuid4().hex[:12]
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
-        self.pending: deque[Future] = deque()           # execute_model futures, oldest first
-        self.failure: WorkerError | None = None
         self.expected = [0] * self.world_size           # replies each rank still owes us
         self.heartbeat_timeout = env.heartbeat_timeout()
         self.procs: list = []                           # mp.Process here, RemoteRank for other nodes; rank order
@@ -181,11 +178,7 @@ class MultiprocExecutor(Executor):
 
     def _fail(self, error: WorkerError):
         if self.failure is None:
-            self.failure = error
-            for future in self.pending:
-                if not future.done():
-                    future.set_exception(error)
-            self.pending.clear()
+            self._fail_pending(error)
             self._stop_workers(graceful=False)
         raise self.failure
 
@@ -213,15 +206,10 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         self._broadcast("execute_model", (sched,), [self.output_rank])
-        future = StepFuture(self)
-        self.pending.append(future)
-        return future
+        return self._submit(None)
 
-    def _resolve_oldest(self) -> None:
-        future = self.pending[0]
-        value = self._read(self.output_rank, None)
-        self.pending.popleft()
-        future.set_result(value)
+    def _collect(self, payload) -> ModelRunnerOutput:
+        return self._read(self.output_rank, None)
 
     def check_health(self) -> None:
         self._raise_if_failed()

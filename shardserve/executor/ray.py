@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import deque
 from concurrent.futures import Future
 
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from shardserve.distributed import env
 from shardserve.distributed.netif import interface_for_ip
 from shardserve.distributed.control_server import ControlServer
-from shardserve.executor.base import Executor, WorkerError, StepFuture
+from shardserve.executor.base import Executor, WorkerError
 from shardserve.worker.worker import DistInit
 
 RAY_TIMEOUT_S = 180.0         # placement group ready, rendezvous, startup RPCs: a clear error, never a hang
@@ -66,8 +65,6 @@ class RayExecutor(Executor):
         par = config.parallel
         self.world_size = par.world_size
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
-        self.pending: deque[tuple[Future, list]] = deque()
-        self.failure: WorkerError | None = None
         self.actors: list = []
         self.pids: list[int] = []          # actor pids, rank order (for tests and diagnostics)
         self.pg = None
@@ -174,11 +171,7 @@ class RayExecutor(Executor):
 
     def _fail(self, error: WorkerError):
         if self.failure is None:
-            self.failure = error
-            for future, _ in self.pending:
-                if not future.done():
-                    future.set_exception(error)
-            self.pending.clear()
+            self._fail_pending(error)
             self._release()
         raise self.failure
 
@@ -193,16 +186,10 @@ class RayExecutor(Executor):
     def execute_model(self, sched: SchedulerOutput) -> Future[ModelRunnerOutput]:
         if self.failure is not None:
             raise self.failure
-        refs = [a.call.remote("execute_model", sched) for a in self.actors]
-        future = StepFuture(self)
-        self.pending.append((future, refs))
-        return future
+        return self._submit([a.call.remote("execute_model", sched) for a in self.actors])
 
-    def _resolve_oldest(self) -> None:
-        future, refs = self.pending[0]
-        results = self._get(refs, "execute_model", None)
-        self.pending.popleft()
-        future.set_result(results[self.output_rank])
+    def _collect(self, refs: list) -> ModelRunnerOutput:
+        return self._get(refs, "execute_model", None)[self.output_rank]
 
     def check_health(self) -> None:
         if self.failure is not None:
