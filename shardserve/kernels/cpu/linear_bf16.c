@@ -11,7 +11,9 @@
  * Threads take contiguous runs of panel groups (disjoint weights) and prefetch the next group into L2 while the
  * current one runs. M >= 4: rows in chunks of MC, register tiles of 8 rows x 3 panels (24 accumulators, one
  * broadcast x pair times one panel vector per instruction: 32 products). M < 4 (decode): tiles of M rows x 6
- * panels, so six weight streams are in flight.
+ * panels, so six weight streams are in flight: SmolLM2's 30 layers of M = 1 products with the weights cold run at
+ * ~51 GB/s on 2 threads here (against ~41 GB/s for linear_f32 on the float32 weights); 4 or 8 panels, and software
+ * prefetch of the tile's own streams, measured no faster.
  */
 #include <stdint.h>
 #include <stdlib.h>
