@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from shardserve.model.fast_tokenizer import FastTokenizer
+from shardserve.model.spec import ModelSpec
 from shardserve.model.spec_reader import read_model_spec
 from shardserve.model.tokenizer import build_tokenizer, load_tokenizer
 
-CASES = ["llama_gqa", "mistral", "tiny_gguf", "smollm2_gguf", "smollm2_hf"]
+CASES = ["llama_gqa", "mistral", "tiny_gguf", "smollm2_gguf", "smollm2_hf", "byte_fallback"]
 TEXTS = [
     "", " ", "Hello world, the capital of France is Paris.",
     "Emoji 😀👍🏽 and flags 🇫🇷🇯🇵, a family 👨‍👩‍👧 (ZWJ) in a row",
@@ -37,9 +39,41 @@ CHATS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def byte_fallback(tmp_path_factory) -> str:
+    """A Llama-2-style folder: BPE with byte_fallback (<0xNN> tokens for what the vocab lacks), Metaspace-like
+    normalizer, ByteFallback / Fuse / Strip decoder, <s> added by the template, saved by transformers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "\u2581": 259}
+    for ch in letters + letters.upper() + ".,!?'0123456789":
+        vocab[ch] = len(vocab)
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("i", "n"), ("\u2581", "a"), ("o", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    folder = tmp_path_factory.mktemp("byte_fallback")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}"
+                                          "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+                            ).save_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return str(folder)
+
+
 @functools.lru_cache(maxsize=None)
 def _pair(path: str) -> tuple[FastTokenizer, object]:
-    spec = read_model_spec(path)
+    if path.endswith(".gguf") or os.path.isfile(os.path.join(path, "model.safetensors")):
+        spec = read_model_spec(path)
+    else:                                   # a tokenizer-only folder
+        spec = ModelSpec("LlamaForCausalLM", 1, 1, 1, 1, 1, 1, 1, 1e-5, 1e4, None, 1, False, False, "float32", None,
+                         (), "safetensors", path)
     return build_tokenizer(spec), build_tokenizer(spec, use_transformers=True)
 
 
@@ -156,3 +190,13 @@ def test_no_transformers_import(smollm2_gguf, llama_gqa):
                          timeout=100)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_byte_fallback_pieces(byte_fallback):
+    """Characters the vocab lacks become their UTF-8 bytes (<0xNN>) and decode back whole."""
+    fast, hf = _pair(byte_fallback)
+    ids = fast.encode("é 😀", add_special_tokens=False)
+    assert [fast.convert_ids_to_tokens(i) for i in ids] == ["\u2581", "<0xC3>", "<0xA9>", "\u2581", "<0xF0>", "<0x9F>",
+                                                          "<0x98>", "<0x80>"]
+    assert fast.decode(ids) == hf.decode(ids) == "é 😀" and fast.decode(ids[:3]) == "é"
+    assert fast.decode(ids[:-1]) == hf.decode(ids[:-1])      # a character cut short
