@@ -163,3 +163,27 @@ if __name__ == "__main__":      # the driver, run inside namespace A: tokens and
         seconds = time.perf_counter() - start
     print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": seconds,
                       "node_ips": [i[1] for i in ips]}))
+
+
+@pytest.mark.timeout(300)
+def test_local_ray_runs_bfloat16(tmp_path):
+    """bf16 (the one-call decoder on bf16 panels where the CPU has AVX512-BF16) on the Ray executor: tp=2 gives
+    one process's greedy tokens under the parity rule, and every linear holds the format the mp executor's does."""
+    import tiny_checkpoints
+    from parity import check_parity, engine_runs
+    from shardserve import LLM, SamplingParams
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        pytest.skip("a Ray session is already open in this process")
+    path = tiny_checkpoints.build_llama_bf16(str(tmp_path))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=5)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(path, **LLM_KW) as one:
+        single = engine_runs(one.generate(prompts, params, use_tqdm=False))
+        formats = set(one.engine.executor.collective_rpc("weight_formats")[0].values())
+    with LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray", **LLM_KW) as llm:
+        runs = engine_runs(llm.generate(prompts, params, use_tqdm=False))
+        ranks = llm.engine.executor.collective_rpc("weight_formats")
+    assert all(set(r.values()) == formats for r in ranks), (formats, ranks)
+    assert len(runs) == len(single) == len(PROMPTS)
+    for i, (a, b) in enumerate(zip(runs, single)):
+        check_parity(a, b, f"bf16 Ray tp=2 vs one process, prompt {i}")
