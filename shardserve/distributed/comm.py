@@ -17,21 +17,25 @@ _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 _HEADER_LEN = 64  # int64 words (512 bytes) in the first header message; longer headers send the rest separately
 
 
-def _use_shm(x: torch.Tensor, group: ParallelGroup) -> bool:
-    # Every member takes the same path: dtype and device are the same on all ranks of a collective.
-    return group.shm is not None and x.device.type == "cpu" and x.dtype in SHM_DTYPES
+def _fast(x: torch.Tensor, group: ParallelGroup):
+    """The group's own communicator for x (shared memory on one node, TCP + shared memory across nodes), or None
+    for torch.distributed. Every member takes the same path: dtype and device are the same on all ranks."""
+    if x.device.type != "cpu" or x.dtype not in SHM_DTYPES:
+        return None
+    return group.shm or group.net
 
 
 def all_reduce(x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
     """Sum of x over the group, bit-identical on every member.
 
     x is consumed: its storage may hold the result. On the shared-memory path the sum is taken in
-    rank order ((x0 + x1) + x2) + ...; large tensors are reduced in slot-sized chunks.
+    rank order ((x0 + x1) + x2) + ... (large tensors in slot-sized chunks), and so it is on the TCP path
+    across nodes (tcp_collectives.py): the same bits whichever transport.
     """
     if group.size == 1:
         return x
-    if _use_shm(x, group):
-        return group.shm.all_reduce(x)
+    if (fast := _fast(x, group)) is not None:
+        return fast.all_reduce(x)
     x = x.contiguous()
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.group)
     return x
@@ -44,8 +48,8 @@ def all_gather(x: torch.Tensor, group: ParallelGroup, dim: int = -1) -> torch.Te
     """
     if group.size == 1:
         return x
-    if _use_shm(x, group):
-        return group.shm.all_gather(x, dim)
+    if (fast := _fast(x, group)) is not None:
+        return fast.all_gather(x, dim)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(group.size)]
     dist.all_gather(parts, x, group=group.group)
@@ -57,8 +61,8 @@ def gather_to_first(x: torch.Tensor, group: ParallelGroup, dim: int = -1) -> tor
     Same equal-shape requirement."""
     if group.size == 1:
         return x
-    if _use_shm(x, group):
-        return group.shm.all_gather(x, dim, first_only=True)
+    if (fast := _fast(x, group)) is not None:
+        return fast.all_gather(x, dim, first_only=True)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(group.size)] if group.is_first else None
     dist.gather(x, parts, dst=group.ranks[0], group=group.group)
@@ -69,8 +73,8 @@ def barrier(group: ParallelGroup) -> None:
     """Return once every member has called barrier(group)."""
     if group.size == 1:
         return
-    if group.shm is not None:
-        group.shm.barrier()
+    if group.shm is not None or group.net is not None:
+        (group.shm or group.net).barrier()
     else:
         dist.barrier(group=group.group)
 

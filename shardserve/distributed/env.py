@@ -11,6 +11,11 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_PP_LAYER_PARTITION": 'layers per pipeline stage, comma-separated, e.g. "16,14"',
     "SHARDSERVE_SECRET": "launch secret shared by every node of a --nnodes launch (required there; e.g. "
                          "`openssl rand -hex 32`): authenticates the control port and the rendezvous store",
+    "SHARDSERVE_TP_TRANSPORT": "CPU tensor-parallel groups whose ranks span nodes: 'auto' (default: TCP collectives "
+                               "between the nodes, shared memory inside each; needs the launch secret) or 'gloo' "
+                               "(torch.distributed's Gloo for every collective of such a group)",
+    "SHARDSERVE_COLLECTIVES_PORT": "first TCP port of the collectives between nodes: a node's ranks listen on it and "
+                                   "the ports after it, one each; unset = a free port each",
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
     "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
@@ -112,6 +117,22 @@ def launch_secret() -> bytes | None:
         raise ValueError("SHARDSERVE_SECRET is shorter than 16 characters; use a random one, e.g. "
                          "`export SHARDSERVE_SECRET=$(openssl rand -hex 32)`, the same on every node")
     return value.encode()
+
+
+def tp_transport() -> str:
+    """SHARDSERVE_TP_TRANSPORT: "auto" (default) or "gloo"."""
+    value = (_get("SHARDSERVE_TP_TRANSPORT") or "auto").lower()
+    if value not in ("auto", "gloo"):
+        raise ValueError(f"SHARDSERVE_TP_TRANSPORT={value!r}: expected 'auto' or 'gloo'")
+    return value
+
+
+def collectives_port() -> int | None:
+    """SHARDSERVE_COLLECTIVES_PORT as an int in 1..65535, or None when unset."""
+    port = _get_int("SHARDSERVE_COLLECTIVES_PORT", minimum=1)
+    if port is not None and port > 65535:
+        raise ValueError(f"SHARDSERVE_COLLECTIVES_PORT={port}: expected a port number in 1..65535")
+    return port
 
 
 def heartbeat_timeout() -> float:

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from shardserve.distributed import env
 from shardserve.distributed.shm_comm import DEFAULT_SLOT_BYTES, SHM_SUPPORTED, ShmCommunicator, ShmUnavailable
+from shardserve.distributed.tcp_collectives import TcpCommunicator, build_tcp_communicator
+from shardserve.distributed.tcp_mesh import advertised_ip
 
 
 def build_groups(world_size: int, tp: int, pp: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -38,6 +41,7 @@ class ParallelGroup:
     rank_in_group: int
     group: dist.ProcessGroup | None = None  # None when size == 1
     shm: ShmCommunicator | None = field(default=None, repr=False)  # CPU ranks on one node only
+    net: TcpCommunicator | None = field(default=None, repr=False)  # CPU ranks on several nodes (TCP + shm teams)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank_in_group < len(self.ranks):
@@ -126,6 +130,7 @@ def init_parallel_context(
     timeout_s: float = 300,
     shm_slot_bytes: int = DEFAULT_SLOT_BYTES,
     host_id: str = "",
+    secret: bytes = b"",
 ) -> ParallelContext:
     """Join the process group and build this rank's TP and PP groups.
 
@@ -134,6 +139,9 @@ def init_parallel_context(
     members all run on this host get a shared-memory communicator when use_shm is set (x86 only);
     `launch_id` (unique per launch) names its segment. PP groups always use torch.distributed.
     `host_id` names this node (e.g. its advertised host IP); default: hostname plus boot id.
+    CPU TP groups whose members span nodes use TCP collectives (tcp_collectives.py: persistent connections
+    authenticated with `secret`, shared-memory teams inside each node) when a secret is given and
+    SHARDSERVE_TP_TRANSPORT is not "gloo"; their ranks listen on host_id when it is an IP address.
     """
     tp_groups, pp_groups = build_groups(world_size, tp, pp)
     if not 0 <= rank < world_size:
@@ -160,11 +168,13 @@ def init_parallel_context(
 
     tp_group, pp_group = make(tp_groups), make(pp_groups)
 
-    if use_shm and SHM_SUPPORTED and device.type == "cpu" and tp_group.size > 1:
+    cross_host = bool(secret) and env.tp_transport() == "auto"
+    if device.type == "cpu" and tp_group.size > 1 and (use_shm and SHM_SUPPORTED or cross_host):
         prefix = f"shardserve/{launch_id}"
-        store.set(f"{prefix}/host/{rank}", host_id or _host_id())
-        hosts = {store.get(f"{prefix}/host/{r}").decode() for r in tp_group.ranks}
-        if len(hosts) == 1:
+        my_host = host_id or _host_id()
+        store.set(f"{prefix}/host/{rank}", my_host)
+        hosts = [store.get(f"{prefix}/host/{r}").decode() for r in tp_group.ranks]
+        if len(set(hosts)) == 1 and use_shm and SHM_SUPPORTED:
             try:
                 tp_group.shm = ShmCommunicator(
                     tp_group.rank_in_group,
@@ -176,15 +186,24 @@ def init_parallel_context(
                 )
             except ShmUnavailable as exc:  # raised on every member alike: all fall back to torch.distributed
                 warnings.warn(f"shared-memory collectives disabled, using {backend}: {exc}", stacklevel=2)
+        elif len(set(hosts)) > 1 and cross_host:
+            port = env.collectives_port()
+            if port is not None:        # one port per rank of this node: base + its place among the node's ranks
+                port += sum(store.get(f"{prefix}/host/{r}").decode() == my_host for r in range(rank))
+            tp_group.net = build_tcp_communicator(
+                tp_group.ranks, tp_group.rank_in_group, hosts, store, name=f"{launch_id or 'x'}-tp{tp_group.ranks[0]}",
+                secret=secret, listen_ip=advertised_ip(host_id, master_addr), timeout_s=timeout_s, port=port or 0,
+                use_shm=use_shm, shm_slot_bytes=shm_slot_bytes)
     return ParallelContext(tp=tp_group, pp=pp_group, rank=rank, world_size=world_size, device=device)
 
 
 def destroy_parallel_context(ctx: ParallelContext) -> None:
     """Close shared-memory segments and tear down torch.distributed (safe on ParallelContext.single())."""
     for g in (ctx.tp, ctx.pp):
-        if g.shm is not None:
-            g.shm.close()
-            g.shm = None
+        for c in (g.shm, g.net):
+            if c is not None:
+                c.close()
+        g.shm = g.net = None
         g.group = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -127,25 +127,31 @@ def connect(host: str, port: int, secret: bytes, timeout_s: float, retry: bool =
                 raise ConnectionError(f"cannot reach {host}:{port} within {timeout_s:.0f} s ({last})") from None
             time.sleep(0.2)
     try:
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        try:
-            hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
-        except (EOFError, ConnectionResetError):
-            raise ConnectionError(f"{host}:{port} closed the connection before the handshake") from None
-        if not hello.startswith(MAGIC):
-            raise ConnectionError(f"{host}:{port} is not a shardserve control port")
-        theirs, mine = hello[len(MAGIC):], os.urandom(NONCE_BYTES)
-        sock.sendall(mine + _mac(secret, b"connector", theirs, mine))
-        try:
-            proof = _recv_exact(sock, MAC_BYTES)
-        except (EOFError, ConnectionResetError):
-            raise AuthError(f"{host}:{port} rejected this process's secret; every node of a launch needs the same "
-                            "SHARDSERVE_SECRET") from None
-        if not hmac.compare_digest(proof, _mac(secret, b"listener", theirs, mine)):
-            raise AuthError(f"{host}:{port} does not hold the launch secret")
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Channel(sock, _mac(secret, b"session", theirs, mine), is_listener=False)
+        return client_handshake(sock, secret, f"{host}:{port}")
     except BaseException:
         sock.close()
         raise
+
+
+def client_handshake(sock: socket.socket, secret: bytes, where: str, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> Channel:
+    """Connector side of the handshake on a connected socket (`where` names the listener in errors); the socket
+    is left open on failure. Returns a Channel with TCP_NODELAY set."""
+    sock.settimeout(timeout_s)
+    try:
+        hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
+    except (EOFError, ConnectionResetError):
+        raise ConnectionError(f"{where} closed the connection before the handshake") from None
+    if not hello.startswith(MAGIC):
+        raise ConnectionError(f"{where} is not a shardserve control port")
+    theirs, mine = hello[len(MAGIC):], os.urandom(NONCE_BYTES)
+    sock.sendall(mine + _mac(secret, b"connector", theirs, mine))
+    try:
+        proof = _recv_exact(sock, MAC_BYTES)
+    except (EOFError, ConnectionResetError):
+        raise AuthError(f"{where} rejected this process's secret; every node of a launch needs the same "
+                        "SHARDSERVE_SECRET") from None
+    if not hmac.compare_digest(proof, _mac(secret, b"listener", theirs, mine)):
+        raise AuthError(f"{where} does not hold the launch secret")
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(sock, _mac(secret, b"session", theirs, mine), is_listener=False)

@@ -252,6 +252,22 @@ class ShmCommunicator:
         parts = gathered.view(self.world_size, *x.shape).unbind(0)  # world x [*x.shape]
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank src's x, copied into every other member's x (same shape and dtype everywhere; x contiguous)."""
+        self._check_open()
+        flat = x.view(-1)  # [n]
+        step = self._chunk_numel(x.dtype)
+        for c0 in range(0, flat.numel(), step):
+            chunk = flat[c0:c0 + step]
+            self._seq += 1
+            slot = self._typed_slots(self._seq % 2, x.dtype, chunk.shape)[src]
+            if self.rank == src:
+                slot.copy_(chunk)
+            self._arrive_and_wait()
+            if self.rank != src:
+                chunk.copy_(slot)
+        return x
+
     # ---------------------------------------------------------------- lifetime
 
     def _check_open(self) -> None:

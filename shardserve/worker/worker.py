@@ -11,6 +11,7 @@ import torch
 
 from shardserve.config import EngineConfig, layer_ranges
 from shardserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from shardserve.distributed import env
 from shardserve.distributed.comm import recv_tensors, send_tensors
 from shardserve.distributed.control_server import SecureStore
 from shardserve.distributed.parallel_state import (ParallelContext, destroy_parallel_context,
@@ -57,7 +58,8 @@ class Worker:
             self.ctx = init_parallel_context(d.rank, par.world_size, par.tensor_parallel_size,
                                              par.pipeline_parallel_size, master_addr=d.master_addr,
                                              master_port=d.master_port, device=device, launch_id=d.launch_id,
-                                             timeout_s=d.timeout_s, host_id=d.host_id, store=store)
+                                             timeout_s=d.timeout_s, host_id=d.host_id, store=store,
+                                             secret=d.secret or env.launch_secret() or b"")
 
     def load_model(self) -> None:
         mc = self.config.model

@@ -1,0 +1,197 @@
+"""All-reduce, all-gather, gather and barrier for a CPU group whose members span hosts: latency-bound algorithms
+over persistent TCP connections (tcp_mesh.py), with a shared-memory team per host when a host holds several.
+
+Who talks: each host's members form a team (one ShmCommunicator) whose first member, the leader, represents
+them on the network; a host whose segment could not be made has each member on the network itself. The mesh
+connects the participants (leaders and lone members), full mesh.
+
+Algorithms, by size (m = bytes per member, P participants):
+- gather rows: every participant ends with every member's x, in group order. P = 2^k > 2 with equal
+  teams: recursive doubling (k rounds, each exchanging all rows held so far); otherwise one direct round (each
+  sends its rows to every other participant: one round trip's latency for two participants).
+- all_reduce, m <= LARGE_BYTES, or two lone members: gather rows, then sum in group order.
+- all_reduce, larger (P > 2 or teams): reduce-scatter by direct exchange (participant p receives chunk p of every
+  member's x and sums it in group order), then the reduced chunks are gathered. Per participant this moves the
+  bytes a ring does, 2 (P-1)/P x m plus its team's extra rows, in 2 rounds instead of 2 (P-1).
+Every sum is ((x0 + x1) + x2) + ... in group order, the order of the shared-memory path: every member gets the
+same bits, whatever the layout, transport or size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from shardserve.distributed.shm_comm import SHM_SUPPORTED, ShmCommunicator, ShmUnavailable
+from shardserve.distributed.tcp_mesh import TcpMesh
+
+LARGE_BYTES = 64 * 1024      # above this, all_reduce moves chunks (reduce-scatter + gather) instead of whole rows
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte view of contiguous t's memory (sent from / received into in place)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+class TcpCommunicator:
+    """The group's collectives across hosts. `rows[q]` lists the group ranks participant q represents (its
+    team); `me` is this member's group rank. Only team leaders hold a mesh (its index is their participant)."""
+
+    def __init__(self, me: int, rows: list[list[int]], mesh: TcpMesh | None, team: ShmCommunicator | None) -> None:
+        self.me, self.rows, self.mesh, self.team = me, rows, mesh, team
+        self.size = sum(len(r) for r in rows)
+        self.part = next(q for q, r in enumerate(rows) if me in r)
+        self.leader = rows[self.part][0] == me
+        order = [g for r in rows for g in r]              # staged row i holds member order[i]
+        self.pos = [order.index(g) for g in range(self.size)]   # member g's row in a staged buffer
+        self.first_row = [sum(len(r) for r in rows[:q]) for q in range(len(rows))]
+        self._doubling = (len(rows) > 2 and len({len(r) for r in rows}) == 1
+                          and len(rows) & (len(rows) - 1) == 0)
+
+    # ---------------------------------------------------------------- building blocks
+
+    def _local_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """[team size, m]: the team's x, gathered over shared memory (just [1, m] without a team)."""
+        return self.team.all_gather(flat.view(1, -1), dim=0) if self.team is not None else flat.view(1, -1)
+
+    def _gather_rows(self, local: torch.Tensor, to_first: bool = False) -> torch.Tensor | None:
+        """Leader: [size, m] every member's x, staged (member g in row pos[g]); others None."""
+        if not self.leader:
+            return None
+        m, nparts, q = local.shape[1], len(self.rows), self.part
+        staged = torch.empty((self.size, m), dtype=local.dtype)
+        mine = staged[self.first_row[q]:self.first_row[q] + len(self.rows[q])]
+        mine.copy_(local)
+
+        def block(p: int, count: int = 1) -> torch.Tensor:
+            end = self.first_row[p + count] if p + count < nparts else self.size
+            return staged[self.first_row[p]:end]
+        if to_first:
+            if q == 0:
+                self.mesh.exchange([], [(p, [_bytes(block(p))]) for p in range(1, nparts)])
+            else:
+                self.mesh.exchange([(0, [_bytes(mine)])], [])
+        elif self._doubling:
+            for i in range(int(math.log2(nparts))):
+                span = 1 << i
+                partner, start, pstart = q ^ span, (q >> i) << i, ((q ^ span) >> i) << i
+                self.mesh.exchange([(partner, [_bytes(block(start, span))])],
+                                   [(partner, [_bytes(block(pstart, span))])])
+        else:
+            others = [p for p in range(nparts) if p != q]
+            self.mesh.exchange([(p, [_bytes(mine)]) for p in others], [(p, [_bytes(block(p))]) for p in others])
+        return staged
+
+    def _sum_rows(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = ((row of member 0 + member 1) + member 2) + ..., rows [size, *] staged."""
+        rows = [staged[self.pos[g]] for g in range(self.size)]
+        torch.add(rows[0], rows[1], out=out)
+        for r in rows[2:]:
+            out.add_(r)
+        return out
+
+    # ---------------------------------------------------------------- collectives
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over the group, in group order, bit-identical on every member. x is consumed (holds the result
+        when contiguous) and returned."""
+        out = x if x.is_contiguous() else x.contiguous()
+        flat = out.view(-1)
+        local = self._local_rows(flat)
+        if self.leader:
+            lone_pair = len(self.rows) == 2 and self.size == 2
+            if flat.numel() * flat.element_size() <= LARGE_BYTES or lone_pair:
+                self._sum_rows(self._gather_rows(local), flat)
+            else:
+                self._reduce_scatter_gather(local, flat)
+        if self.team is not None:
+            self.team.broadcast(flat, src=0)
+        return out
+
+    def _reduce_scatter_gather(self, local: torch.Tensor, flat: torch.Tensor) -> None:
+        """Leader: participant p sums chunk p of every member's x (group order); then the chunks are gathered."""
+        nparts, q, n = len(self.rows), self.part, flat.numel()
+        bounds = [n * p // nparts for p in range(nparts + 1)]
+        others = [p for p in range(nparts) if p != q]
+        lo, hi = bounds[q], bounds[q + 1]
+        staged = torch.empty((self.size, hi - lo), dtype=flat.dtype)      # every member's chunk q
+        staged[self.first_row[q]:self.first_row[q] + len(self.rows[q])].copy_(local[:, lo:hi])
+        pieces = {p: local[:, bounds[p]:bounds[p + 1]].contiguous() for p in others}
+        self.mesh.exchange(
+            [(p, [_bytes(pieces[p])]) for p in others],
+            [(p, [_bytes(staged[self.first_row[p]:self.first_row[p] + len(self.rows[p])])]) for p in others])
+        self._sum_rows(staged, flat[lo:hi])
+        self.mesh.exchange([(p, [_bytes(flat[lo:hi])]) for p in others],
+                           [(p, [_bytes(flat[bounds[p]:bounds[p + 1]])]) for p in others])
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1, *, first_only: bool = False) -> torch.Tensor | None:
+        """Concatenation along `dim` of every member's x in group order (same shape and dtype everywhere).
+        first_only: only group rank 0 gets it (a gather); the others return None."""
+        flat = x.contiguous().view(-1)
+        local = self._local_rows(flat)
+        staged = self._gather_rows(local, to_first=first_only)
+        if first_only:
+            if self.me != 0:
+                return None
+        elif self.team is not None:
+            if staged is None:
+                staged = torch.empty((self.size, flat.numel()), dtype=flat.dtype)
+            self.team.broadcast(staged, src=0)
+        return torch.cat([staged[self.pos[g]].view(x.shape) for g in range(self.size)], dim=dim)
+
+    def barrier(self) -> None:
+        """Return once every member has called barrier()."""
+        if self.team is not None:
+            self.team.barrier()
+        if self.leader:
+            others = [p for p in range(len(self.rows)) if p != self.part]
+            self.mesh.exchange([(p, []) for p in others], [(p, []) for p in others])
+        if self.team is not None:
+            self.team.barrier()
+
+    def close(self) -> None:
+        for c in (self.mesh, self.team):
+            if c is not None:
+                c.close()
+        self.mesh = self.team = None
+
+
+def build_tcp_communicator(ranks: list[int], rank_in_group: int, hosts: list[str], store: dist.Store, *,
+                           name: str, secret: bytes, listen_ip: str, timeout_s: float, port: int = 0,
+                           use_shm: bool = True, shm_slot_bytes: int = 4 << 20) -> TcpCommunicator:
+    """Every member of a group spanning hosts calls this with the same arguments but its own rank_in_group,
+    listen_ip and port. hosts[i] names the node of member i; members of one node share a segment (a team)."""
+    teams: dict[str, list[int]] = {}
+    for g, h in enumerate(hosts):
+        teams.setdefault(h, []).append(g)
+    host = hosts[rank_in_group]
+    mine = teams[host]
+    team = None
+    if len(mine) > 1 and use_shm and SHM_SUPPORTED:
+        try:
+            team = ShmCommunicator(mine.index(rank_in_group), len(mine), store, name=f"{name}-h{mine[0]}",
+                                   slot_bytes=shm_slot_bytes, timeout_s=timeout_s)
+        except ShmUnavailable:
+            team = None                                   # raised on every member of the team alike
+        if rank_in_group == mine[0]:
+            store.set(f"shardserve/tcpcoll/{name}/team/{mine[0]}", "1" if team is not None else "0")
+    rows: list[list[int]] = []
+    for members in teams.values():
+        if len(members) > 1 and use_shm and SHM_SUPPORTED and \
+                store.get(f"shardserve/tcpcoll/{name}/team/{members[0]}") == b"1":
+            rows.append(members)
+        else:
+            rows.extend([g] for g in members)
+    rows.sort()
+    me_part = next(q for q, r in enumerate(rows) if rank_in_group in r)
+    mesh = None
+    if rows[me_part][0] == rank_in_group:
+        try:
+            mesh = TcpMesh(me_part, len(rows), store, name, host=listen_ip, secret=secret, timeout_s=timeout_s,
+                           port=port, node=host, labels=[f"rank {ranks[r[0]]}" for r in rows])
+        except BaseException:
+            if team is not None:
+                team.close()
+            raise
+    return TcpCommunicator(rank_in_group, rows, mesh, team)
