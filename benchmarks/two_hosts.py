@@ -143,21 +143,57 @@ def _mean_us(fn, iters: int, barrier) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def tcp_round_trip_us(rank: int, master: str, iters: int) -> float:
+    """Mean µs of a raw TCP ping-pong of 8 bytes between the two probe ranks (TCP_NODELAY, blocking sockets,
+    Python): the floor any TCP transport pays per round trip here."""
+    import socket
+    if rank == 0:
+        with socket.create_server((master, PROBE_PORT + 1)) as srv:
+            sock = srv.accept()[0]
+    else:
+        for _ in range(200):
+            try:
+                sock = socket.create_connection((master, PROBE_PORT + 1))
+                break
+            except OSError:
+                time.sleep(0.05)
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg, buf = b"x" * 8, bytearray(8)
+
+        def recv8():
+            got = 0
+            while got < 8:
+                got += sock.recv_into(memoryview(buf)[got:])
+
+        def ping():
+            if rank == 0:
+                sock.sendall(msg)
+                recv8()
+            else:
+                recv8()
+                sock.sendall(msg)
+        return _mean_us(ping, iters, lambda: None)
+
+
 def probe(rank: int, tp: int, pp: int, master: str, launch_id: str, host_id: str, shapes: str, iters: int) -> None:
     """One of two ranks timing the collectives a step of this layout runs, at the step's shapes (float32).
     tp: all_reduce [T, hidden] and gather_to_first [S, vocab/tp]; pp: send_tensors/recv_tensors of
-    hidden_states + residual [T, hidden], timed as a ping-pong (one way = round trip / 2). Rank 0 prints mean µs."""
+    hidden_states + residual [T, hidden], timed as a ping-pong (one way = round trip / 2); "rtt": a raw TCP
+    ping-pong. The TP transport is the engine's (SHARDSERVE_TP_TRANSPORT). Rank 0 prints mean µs."""
     import torch
     from shardserve.distributed import comm
     from shardserve.distributed.parallel_state import create_store, destroy_parallel_context, init_parallel_context
     torch.set_num_threads(1)
+    rtt = tcp_round_trip_us(rank, master, iters)
     store = create_store(master, PROBE_PORT, 2) if rank == 0 else None
     ctx = init_parallel_context(rank, 2, tp, pp, master_addr=master, master_port=PROBE_PORT, store=store,
-                                launch_id=launch_id, host_id=host_id, timeout_s=60)
+                                launch_id=launch_id, host_id=host_id, timeout_s=60,
+                                secret=os.environ["SHARDSERVE_SECRET"].encode())
     try:
         group = ctx.tp if tp == 2 else ctx.pp
         barrier = lambda: comm.barrier(group)  # noqa: E731
-        out: dict[str, float] = {"shm": group.shm is not None}
+        out: dict = {"transport": "shm" if group.shm else "tcp" if group.net else "gloo", "rtt": rtt}
         for item in shapes.split(","):            # "ar:8x64", "ga:8x502", "sr:4x64"
             op, dims = item.split(":")
             x = torch.zeros(*(int(d) for d in dims.split("x")), dtype=torch.float32)
@@ -184,8 +220,9 @@ def probe(rank: int, tp: int, pp: int, master: str, launch_id: str, host_id: str
 
 
 # ---- the parent: namespaces, processes, the table -----------------------------------------------------------
-def child_env(ip: str | None) -> dict[str, str]:
+def child_env(ip: str | None, transport: str = "auto") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["SHARDSERVE_TP_TRANSPORT"] = transport                    # TP groups spanning the hosts: TCP or Gloo
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env.update(SHARDSERVE_NUM_THREADS="1", SHARDSERVE_SECRET=SECRET, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN)
     env.pop("SHARDSERVE_HOST_IP", None)
@@ -215,13 +252,13 @@ def run_driver(host, model: str, backend: str, tp: int, pp: int, env: dict[str, 
     return json.loads(finish(proc, f"{backend} driver tp={tp} pp={pp}").strip().splitlines()[-1])
 
 
-def run_nnodes(a, b, model: str, tp: int, pp: int) -> dict:
+def run_nnodes(a, b, model: str, tp: int, pp: int, transport: str = "auto") -> dict:
     argv = [sys.executable, "-m", "shardserve.entrypoints.cli", "serve", "--headless", "--nnodes", "2",
             "--node-rank", "1", "--master-addr", a.ip, "--master-port", str(MASTER_PORT),
             "--distributed-timeout-seconds", "120"]
-    node1 = b.popen(argv, child_env(b.ip), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    node1 = b.popen(argv, child_env(b.ip, transport), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        got = run_driver(a, model, "nnodes", tp, pp, child_env(a.ip))
+        got = run_driver(a, model, "nnodes", tp, pp, child_env(a.ip, transport))
         finish(node1, "headless node 1", timeout=60)
         return got
     finally:
@@ -230,14 +267,15 @@ def run_nnodes(a, b, model: str, tp: int, pp: int) -> dict:
             node1.communicate(timeout=30)
 
 
-def run_probe(first, second, master: str, tp: int, pp: int, shapes: list[str], iters: int, same_host: bool) -> dict:
+def run_probe(first, second, master: str, tp: int, pp: int, shapes: list[str], iters: int, same_host: bool,
+              transport: str = "auto") -> dict:
     launch = uuid.uuid4().hex[:8]
     procs = []
     for rank, host in enumerate((first, second)):
         host_id = "one-host" if same_host else host.ip
         argv = [sys.executable, os.path.abspath(__file__), "_probe", str(rank), str(tp), str(pp), master, launch,
                 host_id, ",".join(shapes), str(iters)]
-        env = {**child_env(None), "GLOO_SOCKET_IFNAME": "lo" if same_host else host.ifname}   # as the executors do
+        env = {**child_env(None, transport), "GLOO_SOCKET_IFNAME": "lo" if same_host else host.ifname}  # as executors do
         procs.append(host.popen(argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outs = [finish(p, f"probe rank {r}", timeout=120) for r, p in enumerate(procs)]
@@ -281,8 +319,9 @@ def main() -> None:
     global ARGS, NAMESPACES
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layouts", default="tp2,pp2", help="comma-separated subset of " + ",".join(LAYOUTS))
-    ap.add_argument("--backends", default="nnodes,ray",
-                    help="two-host backends: nnodes, ray (skipped if not installed)")
+    ap.add_argument("--backends", default="nnodes-gloo,nnodes,ray",
+                    help="two-host backends: nnodes (TP across the hosts over the TCP collectives), nnodes-gloo (the "
+                         "same over Gloo: SHARDSERVE_TP_TRANSPORT=gloo), ray (skipped if not installed)")
     ap.add_argument("--repeats", type=int, default=5, help="timed generate calls per run (median reported)")
     ap.add_argument("--probe-iters", type=int, default=400)
     ap.add_argument("--sample-seconds", type=float, default=6.0,
@@ -290,7 +329,8 @@ def main() -> None:
     ARGS = args = ap.parse_args()
     layouts = [x for x in args.layouts.split(",") if x]
     backends = [x for x in args.backends.split(",") if x]
-    if unknown := [x for x in layouts if x not in LAYOUTS] + [x for x in backends if x not in ("nnodes", "ray")]:
+    if unknown := [x for x in layouts if x not in LAYOUTS] + [x for x in backends
+                                                               if x not in ("nnodes", "nnodes-gloo", "ray")]:
         sys.exit(f"unknown layout/backend {unknown}")
     if "ray" in backends and importlib.util.find_spec("ray") is None:
         print("ray is not installed: skipping the Ray backend", flush=True)
@@ -317,16 +357,19 @@ def main() -> None:
                 res = results[name]
                 res["one"] = run_driver(a, model, "mp", tp, pp, child_env(None))
                 print(f"{name} one host (mp): {statistics.median(res['one']['tok_s']):.1f} tok/s", flush=True)
-                if "nnodes" in backends:
-                    res["nnodes"] = run_nnodes(a, b, model, tp, pp)
-                    print(f"{name} two hosts (nnodes): {statistics.median(res['nnodes']['tok_s']):.1f} tok/s "
-                          f"ranks on {res['nnodes']['hosts']}", flush=True)
+                for backend in (x for x in backends if x.startswith("nnodes")):
+                    res[backend] = run_nnodes(a, b, model, tp, pp, "gloo" if backend == "nnodes-gloo" else "auto")
+                    print(f"{name} two hosts ({backend}): {statistics.median(res[backend]['tok_s']):.1f} tok/s "
+                          f"ranks on {res[backend]['hosts']}", flush=True)
                 shapes = comm_shapes(cfg, tp, pp)
                 keys = sorted({k for phase in shapes.values() for k, _ in phase})
                 res["shapes"] = shapes
                 res["probe_one"] = run_probe(a, a, "127.0.0.1", tp, pp, keys, args.probe_iters, same_host=True)
+                res["probe_gloo"] = run_probe(a, b, a.ip, tp, pp, keys, args.probe_iters, same_host=False,
+                                              transport="gloo")
                 res["probe_two"] = run_probe(a, b, a.ip, tp, pp, keys, args.probe_iters, same_host=False)
-                print(f"{name} probe, mean µs: one host {res['probe_one']}, two hosts {res['probe_two']}", flush=True)
+                print(f"{name} probe, mean µs: one host {res['probe_one']}, two hosts over Gloo {res['probe_gloo']}, "
+                      f"two hosts {res['probe_two']}", flush=True)
             if "ray" in backends:        # last: Ray's daemons would otherwise share the cores with the other runs
                 ray_dirs = start_ray(a, b, tag)
                 for name in layouts:
@@ -346,12 +389,13 @@ def main() -> None:
 
 def report(results: dict[str, dict], backends: list[str]) -> None:
     sides = ["one", *backends]
-    label = {"one": "one host (mp)", "nnodes": "two hosts, nnodes", "ray": "two hosts, Ray"}
+    label = {"one": "one host (mp)", "nnodes": "two hosts, nnodes", "nnodes-gloo": "two hosts, nnodes over Gloo",
+             "ray": "two hosts, Ray"}
     med = statistics.median
     print(f"\n{NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {OUTPUT_LEN} output tokens, greedy, one thread per rank; "
           f"median of {ARGS.repeats} timed generate calls; ms/step = wall time / engine steps")
     print("| layout | " + " | ".join(f"{label[s]} tok/s (ms/step)" for s in sides) +
-          " | collectives per decode step, probe: one host -> two hosts |")
+          " | collectives per decode step, probe: one host -> two hosts over Gloo -> two hosts (their transport) |")
     print("|---|" + "---:|" * len(sides) + "---|")
     for name, res in results.items():
         one = med(res["one"]["tok_s"])
@@ -362,10 +406,13 @@ def report(results: dict[str, dict], backends: list[str]) -> None:
             row += f" {t:.0f} ({med(res[side]['step_ms']):.2f} ms{ratio}) |"
             if res[side]["tokens"] != res["one"]["tokens"]:
                 row = row[:-1] + "TOKENS DIFFER |"
-        totals = [sum(res[s][k] * n for k, n in res["shapes"]["decode"]) / 1e3 for s in ("probe_one", "probe_two")]
-        detail = " + ".join(f"{n} x {k} {res['probe_one'][k]:.0f} -> {res['probe_two'][k]:.0f} µs"
+        probes = ("probe_one", "probe_gloo", "probe_two")
+        totals = [sum(res[s][k] * n for k, n in res["shapes"]["decode"]) / 1e3 for s in probes]
+        detail = " + ".join(f"{n} x {k} " + " -> ".join(f"{res[s][k]:.0f}" for s in probes) + " µs"
                             for k, n in res["shapes"]["decode"])
-        print(row + f" {totals[0]:.2f} -> {totals[1]:.2f} ms ({detail}) |")
+        print(row + " " + " -> ".join(f"{t:.2f}" for t in totals) + f" ms ({detail}; transports "
+              + " -> ".join(res[s]["transport"] for s in probes) + "; raw TCP round trip "
+              + " -> ".join(f"{res[s]['rtt']:.0f}" for s in probes) + " µs) |")
     if any(res[s].get("sampled") for res in results.values() for s in sides):
         print("\nin situ, per engine step (py-spy samples of each rank's main thread during a further "
               f"{ARGS.sample_seconds:g} s of generate): ms in comm.py / compute / waiting for the next command")
@@ -381,10 +428,11 @@ def report(results: dict[str, dict], backends: list[str]) -> None:
         for side in sides:
             cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(res[side]["cores"].items()))
             print(f"  {name} {label[side]}: total {sum(res[side]['cores'].values()):.2f} = {cores}")
-    print("\ncollectives per prefill step, probe (ms, one host -> two hosts):")
+    print("\ncollectives per prefill step, probe (ms, one host -> two hosts over Gloo -> two hosts):")
     for name, res in results.items():
-        one, two = (sum(res[s][k] * n for k, n in res["shapes"]["prefill"]) / 1e3 for s in ("probe_one", "probe_two"))
-        print(f"  {name}: {one:.2f} -> {two:.2f} ({res['shapes']['prefill']})")
+        totals = (sum(res[s][k] * n for k, n in res["shapes"]["prefill"]) / 1e3
+                  for s in ("probe_one", "probe_gloo", "probe_two"))
+        print(f"  {name}: " + " -> ".join(f"{t:.2f}" for t in totals) + f" ({res['shapes']['prefill']})")
 
 
 if __name__ == "__main__":

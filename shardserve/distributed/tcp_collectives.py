@@ -29,9 +29,9 @@ from shardserve.distributed.tcp_mesh import TcpMesh
 LARGE_BYTES = 64 * 1024      # above this, all_reduce moves chunks (reduce-scatter + gather) instead of whole rows
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A flat byte view of contiguous t's memory (sent from / received into in place)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+def _bytes(t: torch.Tensor):
+    """Contiguous t's memory as a buffer object (a numpy view: sent from / received into in place)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 class TcpCommunicator:
@@ -46,6 +46,8 @@ class TcpCommunicator:
         order = [g for r in rows for g in r]              # staged row i holds member order[i]
         self.pos = [order.index(g) for g in range(self.size)]   # member g's row in a staged buffer
         self.first_row = [sum(len(r) for r in rows[:q]) for q in range(len(rows))]
+        self._pair = None if self.size != 2 or len(rows) != 2 else 1 - self.part   # two lone members: the peer
+        self._scratch: dict[tuple, tuple[torch.Tensor, object]] = {}
         self._doubling = (len(rows) > 2 and len({len(r) for r in rows}) == 1
                           and len(rows) & (len(rows) - 1) == 0)
 
@@ -97,6 +99,10 @@ class TcpCommunicator:
         """Sum of x over the group, in group order, bit-identical on every member. x is consumed (holds the result
         when contiguous) and returned."""
         out = x if x.is_contiguous() else x.contiguous()
+        if self._pair is not None:          # one round trip: swap, then x0 + x1 (addition commutes: same bits)
+            other, other_buf = self._scratch_for(out)
+            self.mesh.swap(self._pair, _bytes(out), other_buf)
+            return torch.add(out, other, out=out)
         flat = out.view(-1)
         local = self._local_rows(flat)
         if self.leader:
@@ -108,6 +114,17 @@ class TcpCommunicator:
         if self.team is not None:
             self.team.broadcast(flat, src=0)
         return out
+
+    def _scratch_for(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """A reusable tensor shaped like x (and its buffer) to receive the peer's x into."""
+        key = (x.shape, x.dtype)
+        got = self._scratch.get(key)
+        if got is None:
+            if len(self._scratch) > 32:
+                self._scratch.clear()
+            t = torch.empty_like(x, memory_format=torch.contiguous_format)
+            got = self._scratch[key] = (t, _bytes(t))
+        return got
 
     def _reduce_scatter_gather(self, local: torch.Tensor, flat: torch.Tensor) -> None:
         """Leader: participant p sums chunk p of every member's x (group order); then the chunks are gathered."""

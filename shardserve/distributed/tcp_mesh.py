@@ -59,6 +59,7 @@ class TcpMesh:
         self.index, self.size, self.timeout_s, self.name = index, size, timeout_s, name
         self.labels = labels or [f"member {i}" for i in range(size)]
         self.seq = 0
+        self._head = bytearray(HEADER.size)       # swap()'s received header
         self.error: BaseException | None = None
         key = f"shardserve/tcpmesh/{name}"
         self._error_key = f"{key}/error"
@@ -197,20 +198,21 @@ class TcpMesh:
         self.error = PeerLost(f"TCP collectives {self.name}: {self.labels[j]} ({self.peers[j]}) {what}")
         return self.error
 
-    def exchange(self, sends: list[tuple[int, list[memoryview]]], recvs: list[tuple[int, list[memoryview]]]) -> None:
+    def exchange(self, sends: list[tuple[int, list]], recvs: list[tuple[int, list]]) -> None:
         """One call: send each (member, buffers) and receive each (member, buffers) at once, full duplex.
 
         Every member must make the matching calls in the same order; each message carries the call number and
-        its size, checked on receipt. Buffers are byte memoryviews (tensor memory, written in place)."""
+        its size, checked on receipt. Buffers are C-contiguous buffer objects (numpy views of tensor memory,
+        received into in place)."""
         if self.error is not None:
             raise self.error
         self.seq += 1
         out = []                                   # [member, buffers, bytes left]
         for j, bufs in sends:
             total = sum(b.nbytes for b in bufs)
-            out.append([j, [memoryview(HEADER.pack(self.seq, total)), *bufs], HEADER.size + total])
-        heads = {j: bytearray(HEADER.size) for j, _ in recvs}
-        inc = [[j, [memoryview(heads[j]), *bufs], HEADER.size + sum(b.nbytes for b in bufs)] for j, bufs in recvs]
+            out.append([j, [HEADER.pack(self.seq, total), *bufs], HEADER.size + total])
+        heads = [bytearray(HEADER.size) for _ in recvs]
+        inc = [[j, [h, *bufs], HEADER.size + sum(b.nbytes for b in bufs)] for h, (j, bufs) in zip(heads, recvs)]
         for item in out:                           # usually the whole message fits the socket buffers at once
             self._send_some(item, nonblocking=True)
         if any(item[2] for item in out):
@@ -219,14 +221,37 @@ class TcpMesh:
             for item in inc:
                 while item[2]:
                     self._recv_some(item, nonblocking=False)
-        for j, _ in recvs:
-            seq, nbytes = HEADER.unpack(heads[j])
-            expect = sum(b.nbytes for b in dict(recvs)[j])
-            if seq != self.seq or nbytes != expect:
-                self.error = RuntimeError(
-                    f"TCP collectives {self.name}: {self.labels[j]} sent call {seq} with {nbytes} bytes where call "
-                    f"{self.seq} with {expect} bytes was expected: the members ran different collectives")
-                raise self.error
+        for h, (j, bufs) in zip(heads, recvs):
+            self._check(j, h, sum(b.nbytes for b in bufs))
+
+    def swap(self, j: int, send, recv) -> None:
+        """exchange([(j, [send])], [(j, [recv])]) on its shortest path: one sendmsg, one recvmsg_into."""
+        if self.error is not None:
+            raise self.error
+        self.seq += 1
+        total = HEADER.size + send.nbytes
+        head = HEADER.pack(self.seq, send.nbytes)
+        try:
+            sent = self.peers[j].sock.sendmsg([head, send], [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._lost(j, f"is gone: {exc}") from None
+        inc = [j, [self._head, recv], HEADER.size + recv.nbytes]
+        if sent == total:
+            while inc[2]:
+                self._recv_some(inc, nonblocking=False)
+        else:
+            self._progress([[j, _advance([head, send], sent), total - sent]], [inc])
+        self._check(j, self._head, recv.nbytes)
+
+    def _check(self, j: int, head: bytearray, expect: int) -> None:
+        seq, nbytes = HEADER.unpack(head)
+        if seq != self.seq or nbytes != expect:
+            self.error = RuntimeError(
+                f"TCP collectives {self.name}: {self.labels[j]} sent call {seq} with {nbytes} bytes where call "
+                f"{self.seq} with {expect} bytes was expected: the members ran different collectives")
+            raise self.error
 
     def _send_some(self, item: list, nonblocking: bool) -> None:
         j, bufs, left = item
@@ -242,8 +267,8 @@ class TcpMesh:
 
     def _recv_some(self, item: list, nonblocking: bool) -> None:
         j, bufs, left = item
-        try:
-            n = self.peers[j].sock.recvmsg_into(bufs, 0, socket.MSG_DONTWAIT if nonblocking else 0)[0]
+        try:                                       # blocking: MSG_WAITALL, one wake-up for the whole message
+            n = self.peers[j].sock.recvmsg_into(bufs, 0, socket.MSG_DONTWAIT if nonblocking else socket.MSG_WAITALL)[0]
         except BlockingIOError:
             if nonblocking:
                 return
@@ -252,7 +277,7 @@ class TcpMesh:
             raise self.error from None
         except OSError as exc:
             raise self._lost(j, f"is gone: {exc}") from None
-        if n == 0:
+        if n == 0 and left:
             raise self._lost(j, "closed the connection (its process exited?)")
         item[1], item[2] = _advance(bufs, n), left - n
 
@@ -306,16 +331,21 @@ class TcpMesh:
             self.error = RuntimeError(f"TCP collectives {self.name} are closed")
 
 
-def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
-    """The buffers left after the first n bytes went out (or came in)."""
-    while n and bufs:
-        if n >= bufs[0].nbytes:
-            n -= bufs[0].nbytes
+def _advance(bufs: list, n: int) -> list:
+    """The buffers left after the first n bytes went out (or came in); a part-done one as a byte memoryview."""
+    while bufs and (n or not _nbytes(bufs[0])):
+        size = _nbytes(bufs[0])
+        if n >= size:
+            n -= size
             bufs = bufs[1:]
         else:
-            bufs = [bufs[0][n:], *bufs[1:]]
+            bufs = [memoryview(bufs[0]).cast("B")[n:], *bufs[1:]]
             n = 0
     return bufs
+
+
+def _nbytes(b) -> int:
+    return b.nbytes if hasattr(b, "nbytes") else len(b)
 
 
 def advertised_ip(host_id: str, master_addr: str) -> str:
