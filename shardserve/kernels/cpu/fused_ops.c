@@ -76,27 +76,13 @@ void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I, int64_
 }
 
 /* k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t < T: rows of `row` floats (row strides k_stride,
- * v_stride: views into the fused qkv output are fine). Caches hold num_slots rows. Returns the number of
- * slots outside [0, num_slots), which are skipped (the caller raises). */
-int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
-                     float *k_cache, float *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
-    int64_t bad = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (T * row >= PARALLEL_MIN_ELEMS)
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t s = slots[t];
-        if (s < 0 || s >= num_slots) {
-            bad++;
-            continue;
-        }
-        memcpy(k_cache + s * row, k + t * k_stride, sizeof(float) * (size_t)row);
-        memcpy(v_cache + s * row, v + t * v_stride, sizeof(float) * (size_t)row);
-    }
-    return bad;
-}
-
-/* kv_write_f32 for a bfloat16 cache: each value rounded to the nearest bfloat16 as it is stored. */
-int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
-                      uint16_t *k_cache, uint16_t *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
+ * v_stride: views into the fused qkv output are fine), stored as float32, or (bf16) rounded to the nearest
+ * bfloat16. Caches hold num_slots rows. Returns the number of slots outside [0, num_slots), which are skipped
+ * (the caller raises). */
+static inline __attribute__((always_inline)) int64_t kv_write(const float *k, int64_t k_stride, const float *v,
+                                                              int64_t v_stride, const int64_t *slots, void *k_cache,
+                                                              void *v_cache, int64_t T, int64_t row,
+                                                              int64_t num_slots, int threads, const int bf16) {
     int64_t bad = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (T * row >= PARALLEL_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) {
@@ -106,7 +92,12 @@ int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t 
             continue;
         }
         const float *kr = k + t * k_stride, *vr = v + t * v_stride;
-        uint16_t *kc = k_cache + s * row, *vc = v_cache + s * row;
+        if (!bf16) {
+            memcpy((float *)k_cache + s * row, kr, sizeof(float) * (size_t)row);
+            memcpy((float *)v_cache + s * row, vr, sizeof(float) * (size_t)row);
+            continue;
+        }
+        uint16_t *kc = (uint16_t *)k_cache + s * row, *vc = (uint16_t *)v_cache + s * row;
 #pragma omp simd
         for (int64_t i = 0; i < row; i++) {
             kc[i] = float_to_bf16(kr[i]);
@@ -114,6 +105,16 @@ int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t 
         }
     }
     return bad;
+}
+
+int64_t kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+                     float *k_cache, float *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
+    return kv_write(k, k_stride, v, v_stride, slots, k_cache, v_cache, T, row, num_slots, threads, 0);
+}
+
+int64_t kv_write_bf16(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+                      uint16_t *k_cache, uint16_t *v_cache, int64_t T, int64_t row, int64_t num_slots, int threads) {
+    return kv_write(k, k_stride, v, v_stride, slots, k_cache, v_cache, T, row, num_slots, threads, 1);
 }
 
 /* x[t, 0:cols] (row stride ld) rounded in place to the nearest bfloat16, for t < T: where a bf16 model's tensor

@@ -100,7 +100,23 @@ class OneDNNMethod(LinearMethod):
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed, bias, "none", [], "")
 
 
-class PanelF32Method(LinearMethod):
+class PanelMethod(LinearMethod):
+    """A dense weight packed once at load for a C GEMM (`pack`) into `layer.packed`, with its row count in
+    `layer.packed_rows`; the plain copy is released. An empty shard keeps its empty weight (F.linear)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer):
+        w = layer.weight.data
+        if not w.numel():
+            return
+        layer.packed = self.pack(w)
+        layer.packed_rows = w.shape[0]
+        layer.weight.data = torch.empty(0, dtype=self.dtype)
+
+
+class PanelF32Method(PanelMethod):
     """Float32 on AVX-512 CPUs: the weight packed into the C GEMM's 16-column panels (linear_f32.c).
 
     `gate_up`: a gate_up weight whose halves are 16-column aligned is packed in (gate, up) panel pairs, so
@@ -111,17 +127,11 @@ class PanelF32Method(LinearMethod):
         self.gate_up = gate_up
         self.gate_up_silu = False                 # set at load when the layout allows the fused activation
 
-    def process_weights_after_loading(self, layer):
-        w = layer.weight.data
-        if not w.numel():
-            return
-        if self.gate_up and (w.shape[0] // 2) % 16 == 0:
+    def pack(self, weight):
+        if self.gate_up and (weight.shape[0] // 2) % 16 == 0:
             self.gate_up_silu = True
-            layer.packed = native_linear.pack_gate_up(w)
-        else:
-            layer.packed = native_linear.pack(w)
-        layer.packed_rows = w.shape[0]
-        layer.weight.data = torch.empty(0, dtype=self.dtype)
+            return native_linear.pack_gate_up(weight)
+        return native_linear.pack(weight)
 
     def apply(self, layer, x, bias):
         if not getattr(layer, "packed_rows", 0):
@@ -135,17 +145,12 @@ class PanelF32Method(LinearMethod):
         return native_linear.silu_linear(x, layer.packed, layer.packed_rows // 2)
 
 
-class PanelBF16Method(LinearMethod):
+class PanelBF16Method(PanelMethod):
     """bfloat16 on AVX512-BF16 CPUs: the weight packed into linear_bf16.c's k-pair panels (VDPBF16PS: bf16
     products, float32 sums); outputs rounded to bf16 as F.linear's would be."""
 
-    def process_weights_after_loading(self, layer):
-        w = layer.weight.data
-        if not w.numel():
-            return
-        layer.packed = bf16_linear.pack(w)
-        layer.packed_rows = w.shape[0]
-        layer.weight.data = torch.empty(0, dtype=self.dtype)
+    def pack(self, weight):
+        return bf16_linear.pack(weight)
 
     def apply(self, layer, x, bias):
         if not getattr(layer, "packed_rows", 0):
