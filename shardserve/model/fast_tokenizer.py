@@ -130,7 +130,9 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text input must be of type `str`, got {type(text).__name__}")
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, as transformers calls it: it releases the GIL (encode does not), so a huge prompt
+        # tokenized in a worker thread does not stall the server's event loop
+        return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True, **kwargs: Any) -> dict:
         """{"input_ids", "attention_mask"} for one text (lists) or a batch (lists of lists); no padding."""

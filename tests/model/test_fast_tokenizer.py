@@ -200,3 +200,32 @@ def test_byte_fallback_pieces(byte_fallback):
                                                           "<0x98>", "<0x80>"]
     assert fast.decode(ids) == hf.decode(ids) == "é 😀" and fast.decode(ids[:3]) == "é"
     assert fast.decode(ids[:-1]) == hf.decode(ids[:-1])      # a character cut short
+
+
+def test_encode_releases_the_gil(smollm2_gguf):
+    """A huge prompt tokenized in a worker thread leaves other threads (the server's event loop) running, as
+    transformers' tokenizer does (tokenizers' encode_batch releases the GIL; its encode does not)."""
+    import threading
+    import time
+    tok = load_tokenizer(read_model_spec(smollm2_gguf))
+    gaps, done = [], threading.Event()
+
+    def tick():
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    t0 = time.perf_counter()
+    try:
+        tok.encode("hello world, " * 200_000)
+    finally:
+        done.set()
+        ticker.join()
+    took = time.perf_counter() - t0
+    assert took > 0.3, took                      # long enough for a held GIL to show
+    assert max(gaps) < took / 2, (max(gaps), took)
