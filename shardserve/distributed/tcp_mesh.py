@@ -83,8 +83,10 @@ class TcpMesh:
                     if j != index:
                         h, p, n = store.get(f"{key}/addr/{j}").decode().split("|")
                         self.peers[j] = Peer(j, h, int(p), n)
+                # the connector gives up first, so the member that knows the cause reports it to everyone
+                connect_deadline = deadline - min(1.0, 0.2 * timeout_s)
                 for j in range(index):                    # connect to every lower member
-                    self.peers[j].sock = self._connect(self.peers[j], secret, deadline, store, node or host)
+                    self.peers[j].sock = self._connect(self.peers[j], secret, connect_deadline, store, node or host)
             finally:
                 acceptor.join()
             if acceptor_error:

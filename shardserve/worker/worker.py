@@ -104,6 +104,18 @@ class Worker:
     def check_health(self) -> bool:
         return True
 
+    def tp_transport(self) -> str:
+        """How this rank's TP group moves tensors: "none" (tp=1), "shm" (one node), "tcp" (TCP collectives
+        across nodes, plus shared memory where a node holds several members: "tcp+shm") or the torch backend."""
+        tp = self.ctx.tp
+        if tp.size == 1:
+            return "none"
+        if tp.shm is not None:
+            return "shm"
+        if tp.net is not None:
+            return "tcp+shm" if tp.net.team is not None else "tcp"
+        return tp.group and torch.distributed.get_backend(tp.group) or "none"
+
     def memory_stats(self) -> dict:
         """This rank's weight bytes (prepacked copies and the LM head's bf16 screen included) and peak resident
         memory so far."""

@@ -183,8 +183,10 @@ def _all_gone(*hs: netns.Host, timeout: float = 15) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2-one-rank-per-host", "pp2-one-stage-per-host"])
-def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,transport", [(2, 1, "tcp"), (1, 2, "none"), (4, 1, "tcp+shm")],
+                         ids=["tp2-one-rank-per-host", "pp2-one-stage-per-host", "tp4-two-ranks-per-host"])
+def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, transport):
+    """TP across the hosts runs on the TCP collectives (with shared memory inside a host holding two ranks)."""
     a, b = hosts
     node1 = b.popen(headless_argv(a.ip, MASTER_PORT), _env(b.ip), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     text=True)
@@ -194,7 +196,9 @@ def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp):
         assert driver.returncode == 0, out[-3000:] + err[-6000:]
         got = json.loads(out.strip().splitlines()[-1])
         assert got["tokens"] == reference
-        assert got["hosts"] == [a.ip, b.ip]                      # rank 0 on host A, rank 1 on host B
+        half = tp * pp // 2
+        assert got["hosts"] == [a.ip] * half + [b.ip] * half     # the first ranks on host A, the others on B
+        assert got["transports"] == [transport] * (tp * pp)
         assert node1.wait(timeout=30) == 0
     finally:
         if node1.poll() is None:
@@ -243,15 +247,17 @@ if __name__ == "__main__":      # node 0's driver, run inside namespace A
     model, tp, pp, host_ip, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     from shardserve import LLM
     from shardserve.executor.base import WorkerError
-    llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, nnodes=2, master_addr=host_ip,
-              master_port=MASTER_PORT, distributed_timeout_seconds=120, **LLM_KW)
+    llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, nnodes=int(os.environ.get("TEST_NNODES", 2)),
+              master_addr=host_ip, master_port=MASTER_PORT,
+              distributed_timeout_seconds=float(os.environ.get("TEST_TIMEOUT_S", 120)), **LLM_KW)
     executor = llm.engine.executor
     print("LAUNCH", executor.launch_id, flush=True)
     if mode == "once":
         with llm:
             tokens = greedy(llm)
             hosts = [getattr(p, "host", host_ip) for p in executor.procs]
-        print(json.dumps({"tokens": tokens, "hosts": hosts}))
+            transports = executor.collective_rpc("tp_transport")
+        print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports}))
         sys.exit(0)
     try:
         for i in range(1, 1_000_000):
