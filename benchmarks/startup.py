@@ -4,7 +4,7 @@ Each start-up runs in a fresh Python process (nothing imported or cached in memo
 start-up per layout builds the C kernels and warms the page cache, so the timed ones see what a second `python
 script.py` sees. The phases come from one real LLM() call, timed at the engine's own seams (create_config, the
 tokenizer, the executor's constructor and its start-up RPCs); `ready` is the wall time from launching the process
-to LLM() returning, imports included. Medians over --runs. `--compare DIR` also times the shardserve source tree
+to LLM() returning, imports included; the driver's peak RSS is read after the first token. Medians over --runs. `--compare DIR` also times the shardserve source tree
 in DIR (e.g. `git worktree add DIR <older commit>`), alternating start-ups with this tree's so both see the same
 machine. Usage:
     python benchmarks/startup.py [--layouts 1x1,2x2] [--runs 3] [--model PATH] [--compare DIR]
@@ -69,6 +69,8 @@ def child(tp: int, pp: int, model: str | None, launched: float, root: str) -> di
     t = time.time()
     llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     phases["first_token"] = time.time() - t
+    import resource
+    phases["driver_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak, KiB -> MiB
     llm.shutdown()
     return phases
 
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     trees = {"this tree": ROOT} if ns.compare is None else {ns.compare: os.path.abspath(ns.compare), "this tree": ROOT}
     print(f"{os.cpu_count()} cores; seconds, median of {ns.runs} fresh processes per layout (one discarded first)")
-    print("| layout | " + ("tree | " if ns.compare else "") + " | ".join(PHASES) + " |")
-    print("|---|" + ("---|" if ns.compare else "") + "---:|" * len(PHASES))
+    print("| layout | " + ("tree | " if ns.compare else "") + " | ".join(PHASES) + " | driver peak RSS MB |")
+    print("|---|" + ("---|" if ns.compare else "") + "---:|" * (len(PHASES) + 1))
     for layout in ns.layouts.split(","):
         tp, pp = (int(x) for x in layout.lower().split("x"))
         runs: dict[str, list[dict]] = {name: [] for name in trees}
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in trees:
             med = {p: statistics.median(r[p] for r in runs[name]) for p in PHASES}
             tree = f"{name} | " if ns.compare else ""
-            print(f"| tp={tp} pp={pp} | {tree}" + " | ".join(f"{med[p]:.2f}" for p in PHASES) + " |", flush=True)
+            rss = statistics.median(r.get("driver_rss_mb", 0.0) for r in runs[name])
+            print(f"| tp={tp} pp={pp} | {tree}" + " | ".join(f"{med[p]:.2f}" for p in PHASES) + f" | {rss:.0f} |",
+                  flush=True)
             spread = ", ".join(f"{r['ready']:.2f}" for r in runs[name])
             print(f"  {name}: ready per run {spread}", file=sys.stderr, flush=True)
     return 0
