@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import platform
@@ -249,6 +250,9 @@ class ShmCommunicator:
                     gathered[j, c0:c1].copy_(slots[j])
         if gathered is None:
             return None
+        d = dim % max(x.dim(), 1)
+        if x.dim() and math.prod(x.shape[:d]) == 1:  # the rows, in rank order, are the concatenation already
+            return gathered.view(*x.shape[:d], self.world_size * x.shape[d], *x.shape[d + 1:])
         parts = gathered.view(self.world_size, *x.shape).unbind(0)  # world x [*x.shape]
         return torch.cat(parts, dim=dim)
 

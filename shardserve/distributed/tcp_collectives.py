@@ -53,9 +53,10 @@ class TcpCommunicator:
 
     # ---------------------------------------------------------------- building blocks
 
-    def _local_rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """[team size, m]: the team's x, gathered over shared memory (just [1, m] without a team)."""
-        return self.team.all_gather(flat.view(1, -1), dim=0) if self.team is not None else flat.view(1, -1)
+    def _local_rows(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """Leader: [team size, m], the team's x gathered over shared memory ([1, m] without a team); others None."""
+        return self.team.all_gather(flat.view(1, -1), dim=0, first_only=True) if self.team is not None \
+            else flat.view(1, -1)
 
     def _gather_rows(self, local: torch.Tensor, to_first: bool = False) -> torch.Tensor | None:
         """Leader: [size, m] every member's x, staged (member g in row pos[g]); others None."""
@@ -134,9 +135,8 @@ class TcpCommunicator:
         lo, hi = bounds[q], bounds[q + 1]
         staged = torch.empty((self.size, hi - lo), dtype=flat.dtype)      # every member's chunk q
         staged[self.first_row[q]:self.first_row[q] + len(self.rows[q])].copy_(local[:, lo:hi])
-        pieces = {p: local[:, bounds[p]:bounds[p + 1]].contiguous() for p in others}
-        self.mesh.exchange(
-            [(p, [_bytes(pieces[p])]) for p in others],
+        self.mesh.exchange(            # chunk p of each of this team's rows: one contiguous slice per row
+            [(p, [_bytes(row[bounds[p]:bounds[p + 1]]) for row in local]) for p in others],
             [(p, [_bytes(staged[self.first_row[p]:self.first_row[p] + len(self.rows[p])])]) for p in others])
         self._sum_rows(staged, flat[lo:hi])
         self.mesh.exchange([(p, [_bytes(flat[lo:hi])]) for p in others],
@@ -145,7 +145,18 @@ class TcpCommunicator:
     def all_gather(self, x: torch.Tensor, dim: int = -1, *, first_only: bool = False) -> torch.Tensor | None:
         """Concatenation along `dim` of every member's x in group order (same shape and dtype everywhere).
         first_only: only group rank 0 gets it (a gather); the others return None."""
-        flat = x.contiguous().view(-1)
+        xc = x.contiguous()
+        if self._pair is not None:                       # two lone members: one message each way (or one way)
+            if first_only and self.me != 0:
+                self.mesh.exchange([(self._pair, [_bytes(xc)])], [])
+                return None
+            other = torch.empty_like(xc)
+            if first_only:
+                self.mesh.exchange([], [(self._pair, [_bytes(other)])])
+            else:
+                self.mesh.swap(self._pair, _bytes(xc), _bytes(other))
+            return torch.cat([xc, other] if self.me == 0 else [other, xc], dim=dim)
+        flat = xc.view(-1)
         local = self._local_rows(flat)
         staged = self._gather_rows(local, to_first=first_only)
         if first_only:
@@ -155,6 +166,9 @@ class TcpCommunicator:
             if staged is None:
                 staged = torch.empty((self.size, flat.numel()), dtype=flat.dtype)
             self.team.broadcast(staged, src=0)
+        d = dim % max(x.dim(), 1)
+        if self.pos == list(range(self.size)) and math.prod(x.shape[:d]) == 1:   # the rows are the result
+            return staged.view(*x.shape[:d], self.size * x.shape[d], *x.shape[d + 1:]) if x.dim() else staged.view(-1)
         return torch.cat([staged[self.pos[g]].view(x.shape) for g in range(self.size)], dim=dim)
 
     def barrier(self) -> None:
