@@ -13,7 +13,7 @@ import torch.distributed as dist
 from shardserve.distributed import env
 from shardserve.distributed.shm_comm import DEFAULT_SLOT_BYTES, SHM_SUPPORTED, ShmCommunicator, ShmUnavailable
 from shardserve.distributed.tcp_collectives import TcpCommunicator, build_tcp_communicator
-from shardserve.distributed.tcp_mesh import advertised_ip
+from shardserve.distributed.netif import listen_ip
 
 
 def build_groups(world_size: int, tp: int, pp: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -192,7 +192,7 @@ def init_parallel_context(
                 port += sum(store.get(f"{prefix}/host/{r}").decode() == my_host for r in range(rank))
             tp_group.net = build_tcp_communicator(
                 tp_group.ranks, tp_group.rank_in_group, hosts, store, name=f"{launch_id or 'x'}-tp{tp_group.ranks[0]}",
-                secret=secret, listen_ip=advertised_ip(host_id, master_addr), timeout_s=timeout_s, port=port or 0,
+                secret=secret, listen_ip=listen_ip(host_id, master_addr), timeout_s=timeout_s, port=port or 0,
                 use_shm=use_shm, shm_slot_bytes=shm_slot_bytes)
     return ParallelContext(tp=tp_group, pp=pp_group, rank=rank, world_size=world_size, device=device)
 

@@ -96,9 +96,21 @@ class TcpCommunicator:
 
     # ---------------------------------------------------------------- collectives
 
+    def _abort(self, exc: BaseException) -> None:
+        """A failure here (a dead team member included) closes the mesh, so the other hosts fail at once too."""
+        if self.mesh is not None:
+            self.mesh.abort(exc)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the group, in group order, bit-identical on every member. x is consumed (holds the result
         when contiguous) and returned."""
+        try:
+            return self._all_reduce(x)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         out = x if x.is_contiguous() else x.contiguous()
         if self._pair is not None:          # one round trip: swap, then x0 + x1 (addition commutes: same bits)
             other, other_buf = self._scratch_for(out)
@@ -145,6 +157,13 @@ class TcpCommunicator:
     def all_gather(self, x: torch.Tensor, dim: int = -1, *, first_only: bool = False) -> torch.Tensor | None:
         """Concatenation along `dim` of every member's x in group order (same shape and dtype everywhere).
         first_only: only group rank 0 gets it (a gather); the others return None."""
+        try:
+            return self._all_gather(x, dim, first_only)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def _all_gather(self, x: torch.Tensor, dim: int, first_only: bool) -> torch.Tensor | None:
         xc = x.contiguous()
         if self._pair is not None:                       # two lone members: one message each way (or one way)
             if first_only and self.me != 0:
@@ -173,6 +192,13 @@ class TcpCommunicator:
 
     def barrier(self) -> None:
         """Return once every member has called barrier()."""
+        try:
+            self._barrier()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def _barrier(self) -> None:
         if self.team is not None:
             self.team.barrier()
         if self.leader:

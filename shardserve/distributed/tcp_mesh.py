@@ -205,9 +205,16 @@ class TcpMesh:
 
         Every member must make the matching calls in the same order; each message carries the call number and
         its size, checked on receipt. Buffers are C-contiguous buffer objects (numpy views of tensor memory,
-        received into in place)."""
+        received into in place). After any failure the mesh is closed: every peer fails at once too."""
         if self.error is not None:
             raise self.error
+        try:
+            self._exchange(sends, recvs)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def _exchange(self, sends: list[tuple[int, list]], recvs: list[tuple[int, list]]) -> None:
         self.seq += 1
         out = []                                   # [member, buffers, bytes left]
         for j, bufs in sends:
@@ -230,6 +237,13 @@ class TcpMesh:
         """exchange([(j, [send])], [(j, [recv])]) on its shortest path: one sendmsg, one recvmsg_into."""
         if self.error is not None:
             raise self.error
+        try:
+            self._swap(j, send, recv)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def _swap(self, j: int, send, recv) -> None:
         self.seq += 1
         total = HEADER.size + send.nbytes
         head = HEADER.pack(self.seq, send.nbytes)
@@ -319,6 +333,12 @@ class TcpMesh:
                                                                                   | select.POLLERR):
                     self._recv_some(item, nonblocking=True)
 
+    def abort(self, exc: BaseException) -> None:
+        """Fail this mesh for good with `exc` (later calls raise it) and close the connections."""
+        if self.error is None:
+            self.error = exc
+        self.close()
+
     def close(self) -> None:
         """Close every connection (idempotent); a peer blocked on us sees EOF at once."""
         for p in getattr(self, "peers", []):
@@ -348,20 +368,3 @@ def _advance(bufs: list, n: int) -> list:
 
 def _nbytes(b) -> int:
     return b.nbytes if hasattr(b, "nbytes") else len(b)
-
-
-def advertised_ip(host_id: str, master_addr: str) -> str:
-    """The address this rank listens on: host_id when it is an IP address (the executors pass the node's
-    advertised address), else the local address that routes to the master (no packet is sent)."""
-    try:
-        socket.inet_aton(host_id)
-        return host_id
-    except OSError:
-        pass
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((master_addr, 9))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
-
