@@ -84,3 +84,18 @@ def test_bad_logging_level(monkeypatch):
     monkeypatch.setenv("SHARDSERVE_LOGGING_LEVEL", "LOUD")
     with pytest.raises(ValueError, match="SHARDSERVE_LOGGING_LEVEL"):
         env.logging_level()
+
+
+def test_tp_transport_and_collectives_port(monkeypatch):
+    monkeypatch.delenv("SHARDSERVE_TP_TRANSPORT", raising=False)
+    monkeypatch.delenv("SHARDSERVE_COLLECTIVES_PORT", raising=False)
+    assert env.tp_transport() == "auto" and env.collectives_port() is None
+    monkeypatch.setenv("SHARDSERVE_TP_TRANSPORT", " Gloo ")
+    monkeypatch.setenv("SHARDSERVE_COLLECTIVES_PORT", "29800")
+    assert env.tp_transport() == "gloo" and env.collectives_port() == 29800
+    monkeypatch.setenv("SHARDSERVE_TP_TRANSPORT", "mpi")
+    with pytest.raises(ValueError, match="SHARDSERVE_TP_TRANSPORT='mpi': expected 'auto' or 'gloo'"):
+        env.tp_transport()
+    monkeypatch.setenv("SHARDSERVE_COLLECTIVES_PORT", "70000")
+    with pytest.raises(ValueError, match="expected a port number"):
+        env.collectives_port()
