@@ -143,9 +143,9 @@ def _mean_us(fn, iters: int, barrier) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def tcp_round_trip_us(rank: int, master: str, iters: int) -> float:
-    """Mean µs of a raw TCP ping-pong of 8 bytes between the two probe ranks (TCP_NODELAY, blocking sockets,
-    Python): the floor any TCP transport pays per round trip here."""
+def tcp_ping(rank: int, master: str):
+    """(ping, close): one raw TCP round trip of 8 bytes between the two probe ranks per ping() call (TCP_NODELAY,
+    blocking sockets, Python): the floor any TCP transport pays per round trip here."""
     import socket
     if rank == 0:
         with socket.create_server((master, PROBE_PORT + 1)) as srv:
@@ -157,35 +157,36 @@ def tcp_round_trip_us(rank: int, master: str, iters: int) -> float:
                 break
             except OSError:
                 time.sleep(0.05)
-    with sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        msg, buf = b"x" * 8, bytearray(8)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg, buf = b"x" * 8, bytearray(8)
 
-        def recv8():
-            got = 0
-            while got < 8:
-                got += sock.recv_into(memoryview(buf)[got:])
+    def recv8():
+        got = 0
+        while got < 8:
+            got += sock.recv_into(memoryview(buf)[got:])
 
-        def ping():
-            if rank == 0:
-                sock.sendall(msg)
-                recv8()
-            else:
-                recv8()
-                sock.sendall(msg)
-        return _mean_us(ping, iters, lambda: None)
+    def ping():
+        if rank == 0:
+            sock.sendall(msg)
+            recv8()
+        else:
+            recv8()
+            sock.sendall(msg)
+    return ping, sock.close
 
 
 def probe(rank: int, tp: int, pp: int, master: str, launch_id: str, host_id: str, shapes: str, iters: int) -> None:
     """One of two ranks timing the collectives a step of this layout runs, at the step's shapes (float32).
     tp: all_reduce [T, hidden] and gather_to_first [S, vocab/tp]; pp: send_tensors/recv_tensors of
     hidden_states + residual [T, hidden], timed as a ping-pong (one way = round trip / 2); "rtt": a raw TCP
-    ping-pong. The TP transport is the engine's (SHARDSERVE_TP_TRANSPORT). Rank 0 prints mean µs."""
+    ping-pong. The TP transport is the engine's (SHARDSERVE_TP_TRANSPORT). Every measurement runs in 4 rounds of
+    iters/4 calls, interleaved with the others, so load that comes and goes weighs on all alike. Rank 0 prints
+    mean µs."""
     import torch
     from shardserve.distributed import comm
     from shardserve.distributed.parallel_state import create_store, destroy_parallel_context, init_parallel_context
     torch.set_num_threads(1)
-    rtt = tcp_round_trip_us(rank, master, iters)
+    ping, close_ping = tcp_ping(rank, master)
     store = create_store(master, PROBE_PORT, 2) if rank == 0 else None
     ctx = init_parallel_context(rank, 2, tp, pp, master_addr=master, master_port=PROBE_PORT, store=store,
                                 launch_id=launch_id, host_id=host_id, timeout_s=60,
@@ -193,27 +194,32 @@ def probe(rank: int, tp: int, pp: int, master: str, launch_id: str, host_id: str
     try:
         group = ctx.tp if tp == 2 else ctx.pp
         barrier = lambda: comm.barrier(group)  # noqa: E731
-        out: dict = {"transport": "shm" if group.shm else "tcp" if group.net else "gloo", "rtt": rtt}
+        calls: dict = {"rtt": ping}
         for item in shapes.split(","):            # "ar:8x64", "ga:8x502", "sr:4x64"
             op, dims = item.split(":")
             x = torch.zeros(*(int(d) for d in dims.split("x")), dtype=torch.float32)
             if op == "ar":
-                out[item] = _mean_us(lambda: comm.all_reduce(x, group), iters, barrier)
+                calls[item] = lambda x=x: comm.all_reduce(x, group)
             elif op == "ga":
-                out[item] = _mean_us(lambda: comm.gather_to_first(x, group), iters, barrier)
+                calls[item] = lambda x=x: comm.gather_to_first(x, group)
             else:
-                pair = {"hidden_states": x, "residual": x.clone()}
-                other = 1 - rank
+                pair, other = {"hidden_states": x, "residual": x.clone()}, 1 - rank
 
-                def ping_pong():
+                def ping_pong(pair=pair, other=other):     # a round trip: halved below
                     if rank == 0:
                         comm.send_tensors(pair, other, group)
                         comm.recv_tensors(other, group)
                     else:
                         comm.send_tensors(comm.recv_tensors(other, group), other, group)
-                out[item] = _mean_us(ping_pong, iters, barrier) / 2
+                calls[item] = ping_pong
+        out: dict = {"transport": "shm" if group.shm else "tcp" if group.net else "gloo"}
+        for _ in range(4):
+            for key, fn in calls.items():
+                us = _mean_us(fn, max(iters // 4, 1), barrier) / (2 if key.startswith("sr:") else 1)
+                out[key] = out.get(key, 0.0) + us / 4
         barrier()
     finally:
+        close_ping()
         destroy_parallel_context(ctx)
     if rank == 0:
         print(json.dumps(out), flush=True)

@@ -219,6 +219,8 @@ def build_tcp_communicator(ranks: list[int], rank_in_group: int, hosts: list[str
                            use_shm: bool = True, shm_slot_bytes: int = 4 << 20) -> TcpCommunicator:
     """Every member of a group spanning hosts calls this with the same arguments but its own rank_in_group,
     listen_ip and port. hosts[i] names the node of member i; members of one node share a segment (a team)."""
+    # a per-member call counter keeps keys apart when one name is set up twice on one store (all agree on it)
+    name = f"{name}.{store.add(f'shardserve/tcpcoll/{name}/gen/{rank_in_group}', 1)}"
     teams: dict[str, list[int]] = {}
     for g, h in enumerate(hosts):
         teams.setdefault(h, []).append(g)

@@ -49,8 +49,9 @@ class Peer:
 
 
 class TcpMesh:
-    """Connections from member `index` to every other of `size` members. `label(i)` names member i in errors
-    (e.g. its global rank); every member passes the same `name` (unique per group and launch)."""
+    """Connections from member `index` to every other of `size` members. `labels[i]` names member i in errors
+    (e.g. "rank 3"); every member passes the same `name` (unique per group and launch) and `node` names this
+    member's node."""
 
     def __init__(self, index: int, size: int, store: dist.Store, name: str, *, host: str, secret: bytes,
                  timeout_s: float, port: int = 0, node: str = "", labels: list[str] | None = None) -> None:
@@ -70,9 +71,9 @@ class TcpMesh:
                                   f"on {host}:{port} ({exc}); free that port or set SHARDSERVE_COLLECTIVES_PORT") from None
         port = listener.getsockname()[1]
         self.peers: list[Peer | None] = [None] * size
+        accepted: dict[int, socket.socket] = {}
         try:
             store.set(f"{key}/addr/{index}", f"{host}|{port}|{node}")
-            accepted: dict[int, socket.socket] = {}
             acceptor_error: list[BaseException] = []
             deadline = time.monotonic() + timeout_s
             acceptor = threading.Thread(target=self._accept_all, args=(listener, secret, store, deadline, accepted,
@@ -94,6 +95,8 @@ class TcpMesh:
             for j, sock in accepted.items():
                 self.peers[j].sock = sock
         except BaseException:
+            for sock in accepted.values():
+                sock.close()
             self.close()
             raise
         finally:
