@@ -4,9 +4,9 @@ Each start-up runs in a fresh Python process (nothing imported or cached in memo
 start-up per layout builds the C kernels and warms the page cache, so the timed ones see what a second `python
 script.py` sees. The phases come from one real LLM() call, timed at the engine's own seams (create_config, the
 tokenizer, the executor's constructor and its start-up RPCs); `ready` is the wall time from launching the process
-to LLM() returning, imports included; the driver's peak RSS is read after the first token. Medians over --runs. `--compare DIR` also times the shardserve source tree
-in DIR (e.g. `git worktree add DIR <older commit>`), alternating start-ups with this tree's so both see the same
-machine. Usage:
+to LLM() returning, imports included; the driver's peak RSS is read after the first token. Medians over --runs.
+`--compare DIR` also times the shardserve source tree in DIR (e.g. `git worktree add DIR <older commit>`),
+alternating start-ups with this tree's so both see the same machine. Usage:
     python benchmarks/startup.py [--layouts 1x1,2x2] [--runs 3] [--model PATH] [--compare DIR]
 """
 from __future__ import annotations

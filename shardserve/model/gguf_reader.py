@@ -1,4 +1,4 @@
-"""GGUF tensor data: the file memory-mapped once, tensors located from the spec's table, sliced and dequantized lazily."""
+"""GGUF tensor data: the file memory-mapped, tensors found from the spec's table, sliced and dequantized lazily."""
 from __future__ import annotations
 
 import os

@@ -57,7 +57,7 @@ def build_tokenizer(spec: ModelSpec, use_transformers: bool = False):
     `use_transformers`), else transformers' AutoTokenizer."""
     if spec.format == "gguf":
         if not use_transformers:
-            from shardserve.model.fast_tokenizer import gguf_tokenizer
+            from shardserve.model.tokenizer_files import gguf_tokenizer
             from shardserve.model.gguf_metadata import read_gguf_metadata
             tok, why = gguf_tokenizer(read_gguf_metadata(spec.weights_path))
             if tok is not None:
@@ -69,7 +69,7 @@ def build_tokenizer(spec: ModelSpec, use_transformers: bool = False):
         raise FileNotFoundError(f"{folder} has no tokenizer.json (or tokenizer.model); add the model's "
                                 "tokenizer files to the folder, or pass prompt_token_ids instead of text")
     if not use_transformers:
-        from shardserve.model.fast_tokenizer import hf_folder_tokenizer
+        from shardserve.model.tokenizer_files import hf_folder_tokenizer
         tok, why = hf_folder_tokenizer(folder)
         if tok is not None:
             return tok

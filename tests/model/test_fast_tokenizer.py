@@ -17,12 +17,13 @@ from shardserve.model.spec import ModelSpec
 from shardserve.model.spec_reader import read_model_spec
 from shardserve.model.tokenizer import build_tokenizer, load_tokenizer
 
-CASES = ["llama_gqa", "mistral", "tiny_gguf", "smollm2_gguf", "smollm2_hf", "byte_fallback"]
+CASES = ["llama_gqa", "mistral", "tiny_gguf", "smollm2_gguf", "smollm2_hf", "byte_fallback", "gguf_variant"]
 TEXTS = [
     "", " ", "Hello world, the capital of France is Paris.",
     "Emoji 😀👍🏽 and flags 🇫🇷🇯🇵, a family 👨‍👩‍👧 (ZWJ) in a row",
     "日本語のテキストと中文字符, ünïcödé ok, Ελληνικά, русский, العربية, עברית",
-    "  leading spaces\n\nnew lines\tand tabs  ", "runs:     five\n\n\n\nfour\t\t\ttabs\r\nCRLF   ",
+    "  leading spaces\n\nnew lines\tand tabs  ",
+    "runs:     five\n\n\n\nfour\t\t\ttabs\r\nCRLF   ",
     "e\u0301 vs \u00e9 (NFD / NFC), \u200b zero width, \ufeff BOM, \u00a0 nbsp, \u2028 line sep",
     "control \x00\x01\x1f\x7f bytes, a lone \ufffd replacement char, ĠĠ Ċ byte-level letters",
     "specials in text: <s>bos</s> <|endoftext|> <|im_start|>user\nhi<|im_end|> <|im_end|><|im_end|>",
@@ -65,6 +66,35 @@ def byte_fallback(tmp_path_factory) -> str:
                             ).save_pretrained(str(folder))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gguf_variant(tiny_gguf, tmp_path_factory) -> str:
+    """tiny_gguf's vocab and merges with the other GGUF paths: a llama-bpe pre-tokenizer split, a user-defined
+    token (added, not special), a control token outside the byte alphabet (not added), EOS added, no BOS flag."""
+    import gguf
+    from shardserve.model.gguf_metadata import parse_gguf_metadata
+    meta = parse_gguf_metadata(tiny_gguf)
+    tokens = meta.get("tokenizer.ggml.tokens").tolist() + ["<think>", "<|ctrl 1|>"]
+    types = meta.get("tokenizer.ggml.token_type").tolist() + [4, 3]
+    path = str(tmp_path_factory.mktemp("gguf_variant") / "variant.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                   (w.add_feed_forward_length, 16), (w.add_head_count, 2)):
+        add(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(meta.get("tokenizer.ggml.merges").tolist())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_add_eos_token(True)
+    w.add_chat_template(meta.get("tokenizer.chat_template"))
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,3 +259,17 @@ def test_encode_releases_the_gil(smollm2_gguf):
     took = time.perf_counter() - t0
     assert took > 0.3, took                      # long enough for a held GIL to show
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+def test_gguf_variant_paths(gguf_variant):
+    fast, _ = _pair(gguf_variant)
+    ids = fast.encode("a <think> b", add_special_tokens=True)
+    assert ids[-1] == fast.eos_token_id and fast.convert_tokens_to_ids("<think>") in ids
+    assert "<|ctrl 1|>" not in fast.get_vocab()
+
+
+def test_pre_tokenizer_splits_match_transformers():
+    """The tokenizer.ggml.pre -> split table is transformers' (a new transformers may add names: copy them)."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from shardserve.model.tokenizer_files import GGUF_PRE_TOKENIZER_SPLITS
+    assert GGUF_PRE_TOKENIZER_SPLITS == mapping.GGUF_PRE_TOKENIZER_SPLITS
