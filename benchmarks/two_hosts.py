@@ -281,7 +281,8 @@ def run_probe(first, second, master: str, tp: int, pp: int, shapes: list[str], i
         host_id = "one-host" if same_host else host.ip
         argv = [sys.executable, os.path.abspath(__file__), "_probe", str(rank), str(tp), str(pp), master, launch,
                 host_id, ",".join(shapes), str(iters)]
-        env = {**child_env(None, transport), "GLOO_SOCKET_IFNAME": "lo" if same_host else host.ifname}  # as executors do
+        # GLOO_SOCKET_IFNAME as the executors set it
+        env = {**child_env(None, transport), "GLOO_SOCKET_IFNAME": "lo" if same_host else host.ifname}
         procs.append(host.popen(argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outs = [finish(p, f"probe rank {r}", timeout=120) for r, p in enumerate(procs)]

@@ -67,8 +67,9 @@ class TcpMesh:
         try:
             listener = socket.create_server((host, port), backlog=max(size, 8))
         except OSError as exc:
-            raise ConnectionError(f"TCP collectives {name}: {self.labels[index]} on node {node or host} cannot listen "
-                                  f"on {host}:{port} ({exc}); free that port or set SHARDSERVE_COLLECTIVES_PORT") from None
+            raise ConnectionError(f"TCP collectives {name}: {self.labels[index]} on node {node or host} cannot "
+                                  f"listen on {host}:{port} ({exc}); free that port or set "
+                                  "SHARDSERVE_COLLECTIVES_PORT") from None
         port = listener.getsockname()[1]
         self.peers: list[Peer | None] = [None] * size
         accepted: dict[int, socket.socket] = {}

@@ -197,7 +197,8 @@ def test_wrong_secret_is_refused_and_named_on_both_sides():
 
     def member(i: int, secret: bytes):
         try:
-            TcpMesh(i, 2, store, "wrong-secret", host="127.0.0.1", secret=secret, timeout_s=5, labels=["rank 0", "rank 1"])
+            TcpMesh(i, 2, store, "wrong-secret", host="127.0.0.1", secret=secret, timeout_s=5,
+                    labels=["rank 0", "rank 1"])
         except Exception as exc:                        # noqa: BLE001
             errors[i] = str(exc)
 
