@@ -104,7 +104,7 @@ def _check_against_torch(ctx) -> dict:
     n, me = tp.size, tp.rank_in_group
     digests = {}
     for dtype in DTYPES:
-        for numel in SIZES:
+        for numel in SIZES if dtype == torch.float32 else SIZES[:-1]:     # 16 MiB once, in float32
             xs = [_data(r, numel, dtype) for r in range(n)]
             ref = xs[0] + xs[1]
             for x in xs[2:]:
