@@ -13,6 +13,8 @@ from shardserve.model.spec import ModelSpec
 # GGML types numpy holds as values (gguf-py's ReaderTensor.data); every other type is bytes [rows, row bytes]
 _VALUE_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
+_DENSE_TORCH = ("F32", "F16", "BF16")       # types whose values torch holds as stored (narrow returns file views)
+
 _GGUF_GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -50,10 +52,11 @@ def spec_tensor_table(spec: ModelSpec) -> tuple[GGUFTensorInfo, ...]:
 
 
 def map_tensors(path: str, table: tuple[GGUFTensorInfo, ...]) -> dict[str, tuple[GGUFTensorInfo, np.ndarray]]:
-    """GGUF name -> (info, a read-only view of its bytes in one memory map of `path`): values for F32 / F16 / ints,
-    uint8 [rows..., row bytes] for block and BF16 types (gguf-py's ReaderTensor.data layout). No data is read."""
+    """GGUF name -> (info, a view of its bytes in one memory map of `path`): values for F32 / F16 / ints, uint8
+    [rows..., row bytes] for block and BF16 types (gguf-py's ReaderTensor.data layout). No data is read. The map
+    is copy-on-write (writable for torch.from_numpy, never written back; nothing here writes to it)."""
     import gguf
-    mm = np.memmap(path, mode="r", dtype=np.uint8)
+    mm = np.memmap(path, mode="c", dtype=np.uint8)
     out = {}
     for info in table:
         raw = mm[info.offset:info.offset + info.n_bytes]
@@ -67,8 +70,8 @@ def map_tensors(path: str, table: tuple[GGUFTensorInfo, ...]) -> dict[str, tuple
     return out
 
 
-def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
-    """Undo llama.cpp's q/k permutation on whole heads: w [n_heads * head_dim, ...].
+def _unpermute_rows(w, head_dim: int):
+    """Undo llama.cpp's q/k permutation on whole heads: w [n_heads * head_dim, ...] (numpy or torch).
 
     The converter did w.reshape(n_head, 2, hd//2, *rest).swapaxes(1, 2): within each head the row order
     became interleaved (x0, x_{hd/2}, x1, ...); this restores rotate-half order. Local to each head.
@@ -107,20 +110,28 @@ class GGUFLazyTensor(LazyTensor):
         return gguf.quants.dequantize(np.ascontiguousarray(raw), self._qtype).astype(np.float32, copy=False)
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Rows or columns [start, start + length) along dim: F32 / F16 / BF16 as stored, a view of the mapped file
+        (the caller's copy into its parameter is the one copy; q/k rows are un-permuted, which copies), every
+        other type dequantized to float32."""
         if dim < 0:
             dim += len(self.shape)
         self._check(dim, start, length)
+        hd = self._head_dim
+        if hd is not None and dim == 0:
+            assert start % hd == 0 and length % hd == 0, (
+                f"{self.name}: narrow(0, {start}, {length}) on a permuted q/k tensor must be aligned to head_dim={hd}")
+        if self._qtype.name in _DENSE_TORCH:
+            values = torch.from_numpy(self._data)
+            if self._qtype.name == "BF16":                       # stored as bytes [..., 2 * cols]
+                values = values.view(torch.bfloat16)
+            out = values.narrow(dim, start, length)
+            return out if self._head_dim is None else _unpermute_rows(out, self._head_dim)
         raw = self._raw()
         if len(self.shape) == 1:
             out = self._dequant(raw[start:start + length]) if raw.dtype != np.uint8 else \
                 self._dequant(raw).reshape(-1)[start:start + length]
             return torch.from_numpy(np.array(out, dtype=np.float32))
         if dim == 0:
-            hd = self._head_dim
-            if hd is not None:
-                assert start % hd == 0 and length % hd == 0, (
-                    f"{self.name}: narrow(0, {start}, {length}) on a permuted q/k tensor must be aligned "
-                    f"to head_dim={hd}")
             out = self._dequant(raw[start:start + length])          # [length, in]
             if hd is not None:
                 out = _unpermute_rows(out, hd)
@@ -178,5 +189,4 @@ class PermutedVector(LazyTensor):
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         assert start % self._hd == 0 and length % self._hd == 0, "q/k narrow must be head-aligned"
-        v = self._inner.narrow(dim, start, length).numpy()
-        return torch.from_numpy(np.ascontiguousarray(_unpermute_rows(v, self._hd)))
+        return _unpermute_rows(self._inner.narrow(dim, start, length), self._hd).contiguous()
