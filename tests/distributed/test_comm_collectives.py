@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rank_results import collect
 from shardserve.distributed import comm
 from shardserve.distributed.parallel_state import (
     create_store, destroy_parallel_context, init_parallel_context,
@@ -47,23 +48,9 @@ def _run(fn_name: str, world: int, tp: int, pp: int) -> tuple[str, dict[int, obj
     queue = spawn.Queue()
     procs = [spawn.Process(target=_entry, args=(r, world, tp, pp, store.port, launch_id, fn_name, queue))
              for r in range(world)]
-    results, errors = {}, []
-    try:
-        for p in procs:
-            p.start()
-        for _ in range(world):
-            rank, err, result = queue.get(timeout=90)
-            if err:
-                errors.append(f"rank {rank}:\n{err}")
-            results[rank] = result
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    assert not errors, "\n".join(errors)
+    for p in procs:
+        p.start()
+    results = collect(procs, queue, timeout=90)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return launch_id, results
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rank_results import collect
 from shardserve.distributed import comm
 from shardserve.distributed.parallel_state import create_store, destroy_parallel_context, init_parallel_context
 from shardserve.distributed.tcp_collectives import LARGE_BYTES
@@ -66,22 +67,7 @@ def _spawn(fn_name: str, hosts: list[str]):
 
 def _run(fn_name: str, hosts: list[str]) -> dict[int, object]:
     store, procs, queue = _spawn(fn_name, hosts)
-    results, errors = {}, []
-    try:
-        for _ in hosts:
-            rank, err, result = queue.get(timeout=120)
-            if err:
-                errors.append(f"rank {rank}:\n{err}")
-            results[rank] = result
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    assert not errors, "\n".join(errors)
-    return results
+    return collect(procs, queue, timeout=120)
 
 
 def _data(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
