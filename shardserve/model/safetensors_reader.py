@@ -1,18 +1,56 @@
-"""Safetensors checkpoints: the files of an HF folder opened for lazy, sliced reads (mmap)."""
+"""Safetensors checkpoints: the files of an HF folder memory-mapped, tensors served as views of the map."""
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Any
+import struct
 
+import numpy as np
 import torch
 
 from shardserve.model.lazy_tensors import LazyTensor
 
-def open_safetensors(folder: str) -> dict[str, Any]:
-    """Tensor name -> the open safe_open handle of the file holding it (model.safetensors.index.json if present)."""
-    from safetensors import safe_open
+_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class MappedSafetensors:
+    """One .safetensors file: its JSON header parsed, its bytes in one copy-on-write memory map (never written)."""
+
+    def __init__(self, path: str):
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > min(size - 8, 100 << 20):       # the safetensors library's 100 MB bound too
+                    raise ValueError(f"header length {header_len} past the file's {size} bytes")
+                header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (ValueError, struct.error) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+        header.pop("__metadata__", None)
+        self.path, self.entries, self.base = path, header, 8 + header_len
+        self.bytes = torch.from_numpy(np.memmap(path, mode="c", dtype=np.uint8)) if header else None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stored tensor, a view of the map (reading it pages the file in; copying it is the one copy)."""
+        entry = self.entries[name]
+        dtype = _TORCH.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} is stored as {entry['dtype']}, which shardserve does not "
+                             f"read; supported: {', '.join(_TORCH)}")
+        begin, end = entry["data_offsets"]
+        raw = self.bytes[self.base + begin:self.base + end]
+        if (self.base + begin) % dtype.itemsize:           # the format does not promise alignment: copy it
+            raw = raw.clone()
+        return raw.view(dtype).view(entry["shape"])
+
+
+def open_safetensors(folder: str) -> dict[str, MappedSafetensors]:
+    """Tensor name -> the mapped file holding it (model.safetensors.index.json if present)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -21,33 +59,27 @@ def open_safetensors(folder: str) -> dict[str, Any]:
     else:
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
         weight_map = {}
-    handles = {}
-    for fname in files:
-        handles[fname] = safe_open(os.path.join(folder, fname), framework="pt")
-        if not os.path.isfile(index):
-            for n in handles[fname].keys():
-                weight_map[n] = fname
+    handles = {fname: MappedSafetensors(os.path.join(folder, fname)) for fname in files}
+    if not os.path.isfile(index):
+        weight_map = {n: fname for fname, handle in handles.items() for n in handle.entries}
     return {n: handles[fname] for n, fname in weight_map.items()}
 
 
 class SafetensorsLazyTensor(LazyTensor):
-    """A tensor inside a .safetensors file, read through `safe_open(...).get_slice` (mmap)."""
+    """A tensor inside a mapped .safetensors file; narrow() returns a view of the file in the stored dtype, so the
+    caller's copy into its parameter is the only copy."""
 
-    _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-    def __init__(self, handle: Any, name: str):
-        self._slice = handle.get_slice(name)
+    def __init__(self, handle: MappedSafetensors, name: str):
+        self._values = handle.tensor(name)
         self.name = name
-        self.shape = tuple(int(d) for d in self._slice.get_shape())
-        self.dtype = self._TORCH[self._slice.get_dtype()]
+        self.shape = tuple(self._values.shape)
+        self.dtype = self._values.dtype
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         if dim < 0:
             dim += len(self.shape)
         self._check(dim, start, length)
-        index = tuple([slice(None)] * dim + [slice(start, start + length)])
-        return self._slice[index].contiguous()
+        return self._values.narrow(dim, start, length)
 
     def full(self) -> torch.Tensor:
-        return self._slice[:].contiguous()
+        return self._values
