@@ -21,8 +21,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts as netns  # noqa: E402
+from launch_helpers import all_gone, child_env, headless_argv, wait_for_line  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [[1, 5, 9, 200], [7, 8, 9], [300, 301, 302, 303, 304, 305]]
 MAX_TOKENS = 8
 LLM_KW = {"max_model_len": 128, "kv_cache_memory": 4 << 20}
@@ -38,16 +38,7 @@ def _free_port() -> int:
 
 
 def _env(host_ip: str, secret: str = SECRET) -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    out.update(SHARDSERVE_SECRET=secret, SHARDSERVE_HOST_IP=host_ip, SHARDSERVE_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S))
-    return out
-
-
-def headless_argv(master: str, port: int, timeout_s: float = 60) -> list[str]:
-    return [sys.executable, "-m", "shardserve.entrypoints.cli", "serve", "--headless", "--nnodes", "2",
-            "--node-rank", "1", "--master-addr", master, "--master-port", str(port),
-            "--distributed-timeout-seconds", str(timeout_s)]
+    return child_env(host_ip, secret, HEARTBEAT_S)
 
 
 def greedy(llm) -> list[list[int]]:
@@ -172,14 +163,6 @@ def _driver(host: netns.Host, model: str, tp: int, pp: int, mode: str) -> subpro
     return host.popen(argv, _env(host.ip), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _all_gone(*hs: netns.Host, timeout: float = 15) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for h in hs for p in h.pids()]
-        if not left:
-            return []
-        time.sleep(0.2)
-    return left
 
 
 @pytest.mark.timeout(300)
@@ -204,7 +187,7 @@ def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, tra
         if node1.poll() is None:
             node1.kill()
         node1.communicate(timeout=30)
-    assert not _all_gone(a, b)
+    assert not all_gone(a, b)
 
 
 @pytest.mark.timeout(300)
@@ -217,10 +200,7 @@ def test_cut_link_is_reported_within_the_heartbeat_timeout(hosts, llama_gqa):
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
         reader.start()
-        deadline = time.monotonic() + 180
-        while not any(l.startswith("ROUND 2") for l in lines):          # generating across the link
-            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-5000:]
-            time.sleep(0.05)
+        wait_for_line(driver, lines, "ROUND 2")                         # generating across the link
         launch_id = next(l.split()[1] for l in lines if l.startswith("LAUNCH"))
         b.set_link(up=False)
         cut = time.monotonic()
@@ -233,7 +213,7 @@ def test_cut_link_is_reported_within_the_heartbeat_timeout(hosts, llama_gqa):
         print(f"link cut reported after {reported:.1f} s (heartbeat timeout {HEARTBEAT_S} s): {failure.strip()}")
         node1.wait(timeout=HEARTBEAT_S + 30)                  # node 1 notices too, stops its worker, exits
         assert node1.returncode == 1 and "no heartbeat from node 0" in node1.stderr.read()
-        assert not _all_gone(a, b), "processes left running after the cut"
+        assert not all_gone(a, b), "processes left running after the cut"
         assert not [n for n in os.listdir("/dev/shm") if launch_id in n]
     finally:
         b.set_link(up=True)

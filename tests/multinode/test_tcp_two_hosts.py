@@ -15,9 +15,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts as netns  # noqa: E402
+from launch_helpers import all_gone, child_env, headless_argv, wait_for_line  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 SECRET = "tcp-two-hosts-secret-" + os.urandom(8).hex()
 MASTER_PORT = 29611                      # test_nnodes.py's driver uses this port, inside namespace A
 COLL_PORT = 29811                        # SHARDSERVE_COLLECTIVES_PORT: rank 0 (node 0, host A) listens here
@@ -25,17 +25,12 @@ EXTRA_IPS = ("10.213.7.3", "10.213.7.4")  # a second node address on A and on B
 
 
 def _env(host_ip: str, **extra: str) -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    out.update(SHARDSERVE_SECRET=SECRET, SHARDSERVE_HOST_IP=host_ip, SHARDSERVE_HEARTBEAT_TIMEOUT="4", **extra)
-    return out
+    return child_env(host_ip, SECRET, 4, **extra)
 
 
 def _headless(host: netns.Host, ip: str, master: str, nnodes: int, node_rank: int, timeout_s: float = 60,
               **extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "shardserve.entrypoints.cli", "serve", "--headless", "--nnodes", str(nnodes),
-            "--node-rank", str(node_rank), "--master-addr", master, "--master-port", str(MASTER_PORT),
-            "--distributed-timeout-seconds", str(timeout_s)]
+    argv = headless_argv(master, MASTER_PORT, timeout_s, nnodes, node_rank)
     return host.popen(argv, _env(ip, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,14 +41,6 @@ def _driver(host: netns.Host, model: str, tp: int, pp: int, mode: str, nnodes: i
     return host.popen(argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _all_gone(*hs: netns.Host, timeout: float = 15) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for h in hs for p in h.pids()]
-        if not left:
-            return []
-        time.sleep(0.2)
-    return left
 
 
 def _stop(*procs: subprocess.Popen) -> None:
@@ -101,7 +88,7 @@ def test_tp2_x_pp2_over_four_nodes_on_two_hosts(hosts, llama_gqa, reference):
             assert node.wait(timeout=30) == 0
     finally:
         _stop(*nodes)
-    assert not _all_gone(a, b)
+    assert not all_gone(a, b)
 
 
 @pytest.mark.timeout(180)
@@ -130,7 +117,7 @@ def test_firewall_on_the_transport_port_is_named_within_the_timeout(hosts, llama
             _stop(node1)
     finally:
         subprocess.run([*rule[:4], "del", *rule[5:]], capture_output=True)
-    assert not _all_gone(a, b), "processes left running after the failed start"
+    assert not all_gone(a, b), "processes left running after the failed start"
     for h in (a, b):                                                     # no listener left on the port either
         assert f":{COLL_PORT} " not in h.run(["ss", "-Htan"]).stdout
 
@@ -144,10 +131,7 @@ def test_kill_9_of_the_far_rank_mid_step_fails_within_10_s(hosts, llama_gqa):
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
         reader.start()
-        deadline = time.monotonic() + 180
-        while not any(line.startswith("ROUND 2") for line in lines):           # generating across the link
-            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-5000:]
-            time.sleep(0.05)
+        wait_for_line(driver, lines, "ROUND 2")                          # generating across the link
         workers = [p for p in b.pids() if p != node1.pid and b"spawn_main" in _cmdline(p)]
         assert len(workers) == 1, [(p, _cmdline(p)) for p in b.pids()]
         os.kill(workers[0], 9)
@@ -163,7 +147,7 @@ def test_kill_9_of_the_far_rank_mid_step_fails_within_10_s(hosts, llama_gqa):
         node1.wait(timeout=30)
     finally:
         _stop(driver, node1)
-    assert not _all_gone(a, b), "processes left running after the kill"
+    assert not all_gone(a, b), "processes left running after the kill"
 
 
 def _cmdline(pid: int) -> bytes:
