@@ -73,8 +73,9 @@ def barrier(group: ParallelGroup) -> None:
     """Return once every member has called barrier(group)."""
     if group.size == 1:
         return
-    if group.shm is not None or group.net is not None:
-        (group.shm or group.net).barrier()
+    fast = group.shm or group.net
+    if fast is not None:
+        fast.barrier()
     else:
         dist.barrier(group=group.group)
 

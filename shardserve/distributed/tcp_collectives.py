@@ -9,7 +9,7 @@ Algorithms, by size (m = bytes per member, P participants):
 - gather rows: every participant ends with every member's x, in group order. P = 2^k > 2 with equal
   teams: recursive doubling (k rounds, each exchanging all rows held so far); otherwise one direct round (each
   sends its rows to every other participant: one round trip's latency for two participants).
-- all_reduce, m <= LARGE_BYTES, or two lone members: gather rows, then sum in group order.
+- all_reduce, m <= LARGE_BYTES: gather rows, then sum in group order (two lone members: one swap, then add).
 - all_reduce, larger (P > 2 or teams): reduce-scatter by direct exchange (participant p receives chunk p of every
   member's x and sums it in group order), then the reduced chunks are gathered. Per participant this moves the
   bytes a ring does, 2 (P-1)/P x m plus its team's extra rows, in 2 rounds instead of 2 (P-1).
@@ -119,8 +119,7 @@ class TcpCommunicator:
         flat = out.view(-1)
         local = self._local_rows(flat)
         if self.leader:
-            lone_pair = len(self.rows) == 2 and self.size == 2
-            if flat.numel() * flat.element_size() <= LARGE_BYTES or lone_pair:
+            if flat.numel() * flat.element_size() <= LARGE_BYTES:
                 self._sum_rows(self._gather_rows(local), flat)
             else:
                 self._reduce_scatter_gather(local, flat)

@@ -225,7 +225,8 @@ class TcpMesh:
             total = sum(b.nbytes for b in bufs)
             out.append([j, [HEADER.pack(self.seq, total), *bufs], HEADER.size + total])
         heads = [bytearray(HEADER.size) for _ in recvs]
-        inc = [[j, [h, *bufs], HEADER.size + sum(b.nbytes for b in bufs)] for h, (j, bufs) in zip(heads, recvs)]
+        sizes = [sum(b.nbytes for b in bufs) for _, bufs in recvs]
+        inc = [[j, [h, *bufs], HEADER.size + n] for h, (j, bufs), n in zip(heads, recvs, sizes)]
         for item in out:                           # usually the whole message fits the socket buffers at once
             self._send_some(item, nonblocking=True)
         if any(item[2] for item in out):
@@ -234,8 +235,8 @@ class TcpMesh:
             for item in inc:
                 while item[2]:
                     self._recv_some(item, nonblocking=False)
-        for h, (j, bufs) in zip(heads, recvs):
-            self._check(j, h, sum(b.nbytes for b in bufs))
+        for h, (j, _), n in zip(heads, recvs, sizes):
+            self._check(j, h, n)
 
     def swap(self, j: int, send, recv) -> None:
         """exchange([(j, [send])], [(j, [recv])]) on its shortest path: one sendmsg, one recvmsg_into."""

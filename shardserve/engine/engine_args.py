@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from shardserve.config import QUANTIZATIONS, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
-from shardserve.model.checkpoint import default_model_path, gguf_tensor_formats, read_model_spec
+from shardserve.model.checkpoint import default_model_path, read_model_spec
 from shardserve.model.layers.formats import check_format
 
 
@@ -38,8 +38,8 @@ class EngineArgs:
         path = self.model or default_model_path()
         spec = read_model_spec(path)
         if spec.format == "gguf":                    # refuse a tensor type with no kernel before any rank starts
-            for tensor, fmt in gguf_tensor_formats(spec.weights_path).items():
-                check_format(fmt, tensor)
+            for tensor in spec.extra["gguf_tensors"]:     # the table the spec already parsed
+                check_format(tensor.type_name, tensor.name)
         device = self.device
         if device == "auto":
             import torch

@@ -90,11 +90,11 @@ def render_chat(template: str, messages: list, add_generation_prompt: bool = Fal
         raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     chat = []
     for message in messages:
-        message = _to_dicts(message)
-        if not isinstance(message, dict):
+        plain = _plain(message)
+        if not isinstance(plain, dict):
             raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-        chat.append({k: v for k, v in message.items() if v is not None})
-    chat = _alias_reasoning(_plain(chat))
+        chat.append({k: v for k, v in plain.items() if v is not None})
+    chat = _alias_reasoning(chat)
     template_kwargs = _plain({**(special_tokens or {}), **kwargs})
     if tools is not None and any(not isinstance(t, dict) for t in tools):
         raise ValueError("tools must be JSON schemas (dicts); functions are converted only by transformers")
@@ -102,21 +102,6 @@ def render_chat(template: str, messages: list, add_generation_prompt: bool = Fal
         raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
     return compile_template(template).render(messages=chat, tools=_plain(tools), documents=_plain(documents),
                                              add_generation_prompt=add_generation_prompt, **template_kwargs)
-
-
-def _to_dicts(value: Any) -> Any:
-    """Message objects (dataclasses, pydantic models) and those nested in them -> dicts."""
-    if isinstance(value, Mapping):
-        return {k: _to_dicts(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_dicts(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_dicts(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _to_dicts(value.model_dump())
-    return value
 
 
 def _plain(value: Any) -> Any:

@@ -8,7 +8,7 @@ from shardserve.model.lazy_tensors import LazyTensor
 from shardserve.model.safetensors_reader import SafetensorsLazyTensor, open_safetensors
 from shardserve.model.spec import ModelSpec
 # where the names imported from this module before the split live now
-from shardserve.model.spec_reader import default_model_path, gguf_tensor_formats, read_model_spec  # noqa: F401
+from shardserve.model.spec_reader import default_model_path, read_model_spec  # noqa: F401
 
 _QK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias")
 
@@ -23,7 +23,7 @@ class CheckpointReader:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self._tensors: dict[str, Any] = {}  # HF name -> safe_open handle, or (GGUFTensorInfo, mapped bytes)
+        self._tensors: dict[str, Any] = {}  # HF name -> MappedSafetensors, or (GGUFTensorInfo, mapped bytes)
         if spec.format == "gguf":
             mapped = map_tensors(spec.weights_path, spec_tensor_table(spec))
             for gguf_name, entry in mapped.items():
@@ -34,7 +34,6 @@ class CheckpointReader:
             self._tensors = open_safetensors(spec.weights_path)
         else:
             raise ValueError(f"unknown checkpoint format {spec.format!r}; expected 'safetensors' or 'gguf'")
-        self._kind = spec.format
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -47,7 +46,7 @@ class CheckpointReader:
             if name == "lm_head.weight" and "model.embed_tokens.weight" in self._tensors:
                 return self.get("model.embed_tokens.weight")  # tied embeddings
             raise KeyError(f"{name} is not in the checkpoint at {self.spec.weights_path}")
-        if self._kind == "safetensors":
+        if self.spec.format == "safetensors":
             return SafetensorsLazyTensor(self._tensors[name], name)
         permuted = self.spec.head_dim if name.endswith(_QK) else None
         info, data = self._tensors[name]
@@ -57,7 +56,7 @@ class CheckpointReader:
 
     def tensor_format(self, name: str) -> str:
         """How `name` is stored: a GGML type name for GGUF ("F32", "Q8_0", ...), "dense" for safetensors."""
-        if self._kind == "safetensors":
+        if self.spec.format == "safetensors":
             return "dense"
         if name not in self._tensors and name == "lm_head.weight":
             name = "model.embed_tokens.weight"                 # tied embeddings

@@ -101,10 +101,6 @@ class GGUFLazyTensor(LazyTensor):
         if permuted_head_dim is not None:
             assert len(self.shape) == 2 and self.shape[0] % permuted_head_dim == 0, (self.name, self.shape)
 
-    def _raw(self) -> np.ndarray:
-        # 2-D: [rows, cols] for F32/F16, [rows, bytes_per_row] uint8 for quantized types and BF16.
-        return self._data
-
     def _dequant(self, raw: np.ndarray) -> np.ndarray:
         import gguf
         return gguf.quants.dequantize(np.ascontiguousarray(raw), self._qtype).astype(np.float32, copy=False)
@@ -126,7 +122,7 @@ class GGUFLazyTensor(LazyTensor):
                 values = values.view(torch.bfloat16)
             out = values.narrow(dim, start, length)
             return out if self._head_dim is None else _unpermute_rows(out, self._head_dim)
-        raw = self._raw()
+        raw = self._data                   # [rows, cols] for F32 / F16, [rows, row bytes] uint8 otherwise
         if len(self.shape) == 1:
             out = self._dequant(raw[start:start + length]) if raw.dtype != np.uint8 else \
                 self._dequant(raw).reshape(-1)[start:start + length]
@@ -162,7 +158,7 @@ class GGUFLazyTensor(LazyTensor):
         self._check(dim, start, length)
         if len(self.shape) != 2:
             raise ValueError(f"{self.name}: only 2-D tensors are kept as blocks, this one has shape {self.shape}")
-        raw = self._raw().view(np.uint8).reshape(self.shape[0], -1)       # [rows, row bytes]
+        raw = self._data.view(np.uint8).reshape(self.shape[0], -1)       # [rows, row bytes]
         if dim == 0:
             out = raw[start:start + length]
             if self._head_dim is not None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
 
 import numpy as np
 import torch
 
 from shardserve.model.lazy_tensors import LazyTensor
+from shardserve.model.spec_reader import read_safetensors_header
 
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -20,20 +20,9 @@ class MappedSafetensors:
     """One .safetensors file: its JSON header parsed, its bytes in one copy-on-write memory map (never written)."""
 
     def __init__(self, path: str):
-        size = os.path.getsize(path)
-        try:
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > min(size - 8, 100 << 20):       # the safetensors library's 100 MB bound too
-                    raise ValueError(f"header length {header_len} past the file's {size} bytes")
-                header = json.loads(f.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (ValueError, struct.error) as exc:
-            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
-        header.pop("__metadata__", None)
-        self.path, self.entries, self.base = path, header, 8 + header_len
-        self.bytes = torch.from_numpy(np.memmap(path, mode="c", dtype=np.uint8)) if header else None
+        self.path = path
+        self.entries, self.base = read_safetensors_header(path)
+        self.bytes = torch.from_numpy(np.memmap(path, mode="c", dtype=np.uint8)) if self.entries else None
 
     def tensor(self, name: str) -> torch.Tensor:
         """The stored tensor, a view of the map (reading it pages the file in; copying it is the one copy)."""

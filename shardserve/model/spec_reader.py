@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import os
+import struct
 from typing import Any
 
 import numpy as np
@@ -110,12 +111,29 @@ def _hf_rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), (scaling or None)
 
 
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """A .safetensors file's tensor entries (name -> dtype, shape, data_offsets; "__metadata__" dropped) and where
+    its data starts, from the header alone (no tensor data read)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, 100 << 20):           # the safetensors library's 100 MB bound too
+                raise ValueError(f"header length {header_len} past the file's {size} bytes")
+            header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
 def _first_safetensors_dtype(folder: str) -> str:
     """The stored dtype of the first tensor of the folder's first .safetensors file ("float32" if unknown)."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    with open(files[0], "rb") as f:                     # the header: u64 length, then JSON (no torch needed)
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    names = sorted(name for name in header if name != "__metadata__")     # safe_open's keys() order
+    header, _ = read_safetensors_header(files[0])
+    names = sorted(header)                                                # safe_open's keys() order
     return _SAFETENSORS_DTYPES.get(header[names[0]]["dtype"], "float32") if names else "float32"
 
 
@@ -263,11 +281,6 @@ def _gguf_float_dtype(meta: GGUFMetadata) -> str:
     float32 otherwise (F32 files, and quantized ones, whose kernels take float32 activations)."""
     kinds = {t.type_name for t in meta.tensors if len(t.dims) == 2}
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(kinds), "float32")
-
-
-def gguf_tensor_formats(path: str) -> dict[str, str]:
-    """GGUF tensor name -> stored GGML type name, from the file's header (no tensor data read)."""
-    return {t.name: t.type_name for t in read_gguf_metadata(path).tensors}
 
 
 def _tensor_shape(meta: GGUFMetadata, name: str) -> tuple[int, ...]:

@@ -64,16 +64,14 @@ class ModelRunner:
         page cost ~2 s of a 37 s CPU benchmark run (BENCHMARKS.md). Otherwise only the first block is zeroed: slot 0
         pads decode batches and must hold finite values; every other slot is written before it is read.
         """
-        slots, nbytes = num_blocks * self.block_size, 0
+        slots = num_blocks * self.block_size
         for attn in self.attn_layers:
-            pair = []
-            for _ in range(2):
-                cache = torch.empty(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+            k_cache, v_cache = (torch.empty(slots, attn.num_kv_heads, attn.head_dim, dtype=self.dtype,
+                                            device=self.device) for _ in range(2))
+            for cache in (k_cache, v_cache):
                 (cache if zero else cache[:self.block_size]).zero_()
-                pair.append(cache)
-                nbytes += cache.numel() * cache.element_size()
-            attn.bind_cache(*pair)
-        return nbytes
+            attn.bind_cache(k_cache, v_cache)
+        return num_blocks * self.kv_bytes_per_block()
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -4,7 +4,6 @@ float32 and bf16, 2-4 ranks, flat and with shared-memory teams), refused strange
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -75,20 +74,15 @@ def _data(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(numel, generator=g).to(dtype)
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _check_against_torch(ctx) -> dict:
-    """Every size and dtype: all_reduce == the rank-order sum bit for bit and ~= Gloo's; all_gather and
-    gather_to_first == Gloo's all_gather exactly. Returns digests (compared across ranks by the parent)."""
+def _check_against_torch(ctx) -> None:
+    """Every size and dtype, on every rank: all_reduce == the rank-order sum bit for bit (so every rank holds the
+    same bits) and ~= Gloo's; all_gather and gather_to_first == Gloo's all_gather exactly."""
     tp = ctx.tp
     assert tp.net is not None and tp.shm is None
     hosts = len(set(os.environ.get("TCP_TEST_HOSTS", "").split(",")))
     n_nodes = len({tuple(r) for r in tp.net.rows})
     assert n_nodes == hosts, (tp.net.rows, hosts)   # one participant per node: the teams use shared memory
     n, me = tp.size, tp.rank_in_group
-    digests = {}
     for dtype in DTYPES:
         for numel in SIZES if dtype == torch.float32 else SIZES[:-1]:     # 16 MiB once, in float32
             xs = [_data(r, numel, dtype) for r in range(n)]
@@ -104,7 +98,6 @@ def _check_against_torch(ctx) -> dict:
             bound = (n - 1) * torch.finfo(dtype).eps * sum(x.double().abs() for x in xs) + 1e-30
             for side in (got, gloo):
                 assert bool(((side.double() - exact).abs() <= bound).all()), (dtype, numel)
-            digests[f"{dtype}-{numel}"] = _digest(got)
             shaped = xs[me].view(1, -1)
             parts = [torch.empty_like(shaped) for _ in range(n)]
             dist.all_gather(parts, shaped, group=tp.group)
@@ -116,7 +109,6 @@ def _check_against_torch(ctx) -> dict:
     assert comm.all_reduce(small, tp).item() == n * (n + 1) // 2
     assert comm.all_gather(torch.tensor([me], dtype=torch.uint8), tp).tolist() == list(range(n))
     comm.barrier(tp)
-    return digests
 
 
 @pytest.mark.timeout(180)
@@ -124,8 +116,7 @@ def _check_against_torch(ctx) -> dict:
 def test_tcp_collectives_match_torch(layout, monkeypatch):
     monkeypatch.setenv("TCP_TEST_HOSTS", ",".join(LAYOUTS[layout]))      # read by the spawned children
     start = time.monotonic()
-    results = _run("_check_against_torch", LAYOUTS[layout])
-    assert all(results[r] == results[0] for r in results), "members got different bits"
+    _run("_check_against_torch", LAYOUTS[layout])         # a failed check on any rank fails the test
     print(f"{layout}: {time.monotonic() - start:.1f} s")
 
 

@@ -12,7 +12,7 @@ import tiny_checkpoints as checkpoints
 from shardserve.model import gguf_metadata
 from shardserve.model.gguf_metadata import parse_gguf_metadata, read_gguf_metadata
 from shardserve.model.spec import ModelSpec
-from shardserve.model.spec_reader import gguf_tensor_formats, read_model_spec
+from shardserve.model.spec_reader import read_model_spec
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +133,6 @@ def test_spec_equals_previous_reader(request, tmp_path):
             if f.name != "extra":
                 assert getattr(spec, f.name) == getattr(ref[0], f.name), (what, f.name)
         assert spec.extra["gguf_name"] == ref[0].extra["gguf_name"], what
-        assert gguf_tensor_formats(path) == ref[1], what
         table = spec.extra["gguf_tensors"]       # what the workers receive instead of parsing the file
         assert [t.name for t in table] == list(ref[1]) and [t.type_name for t in table] == list(ref[1].values())
 
@@ -144,7 +143,6 @@ def test_parsed_once_per_file_version(tiny_gguf, tmp_path):
     shutil.copy(tiny_gguf, path)
     before = gguf_metadata.parse_count
     read_model_spec(path)
-    gguf_tensor_formats(path)
     from shardserve.model.tokenizer import build_tokenizer
     build_tokenizer(read_model_spec(path))
     assert read_gguf_metadata(path) is read_gguf_metadata(path)

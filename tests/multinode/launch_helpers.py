@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +23,14 @@ def headless_argv(master: str, port: int, timeout_s: float = 60, nnodes: int = 2
     return [sys.executable, "-m", "shardserve.entrypoints.cli", "serve", "--headless", "--nnodes", str(nnodes),
             "--node-rank", str(node_rank), "--master-addr", master, "--master-port", str(port),
             "--distributed-timeout-seconds", str(timeout_s)]
+
+
+def follow_stdout(proc) -> tuple[list[str], threading.Thread]:
+    """A list a daemon thread fills with proc's stdout lines as they come, and that thread (done at EOF)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    return lines, reader
 
 
 def wait_for_line(driver, lines: list[str], prefix: str, timeout: float = 180) -> None:

@@ -14,14 +14,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts as netns  # noqa: E402
-from launch_helpers import all_gone, child_env, headless_argv, wait_for_line  # noqa: E402
+from launch_helpers import all_gone, child_env, follow_stdout, headless_argv, wait_for_line  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200], [7, 8, 9], [300, 301, 302, 303, 304, 305]]
 MAX_TOKENS = 8
@@ -197,9 +196,7 @@ def test_cut_link_is_reported_within_the_heartbeat_timeout(hosts, llama_gqa):
                     text=True)
     driver = _driver(a, llama_gqa, 2, 1, "loop")
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
-        reader.start()
+        lines, reader = follow_stdout(driver)
         wait_for_line(driver, lines, "ROUND 2")                         # generating across the link
         launch_id = next(l.split()[1] for l in lines if l.startswith("LAUNCH"))
         b.set_link(up=False)

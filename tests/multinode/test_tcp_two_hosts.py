@@ -8,14 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts as netns  # noqa: E402
-from launch_helpers import all_gone, child_env, headless_argv, wait_for_line  # noqa: E402
+from launch_helpers import all_gone, child_env, follow_stdout, headless_argv, wait_for_line  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET = "tcp-two-hosts-secret-" + os.urandom(8).hex()
@@ -63,7 +62,6 @@ def hosts():
 
 @pytest.fixture(scope="module")
 def reference(llama_gqa) -> list[list[int]]:
-    sys.path.insert(0, HERE)
     from test_nnodes import LLM_KW, greedy
 
     from shardserve import LLM
@@ -128,9 +126,7 @@ def test_kill_9_of_the_far_rank_mid_step_fails_within_10_s(hosts, llama_gqa):
     node1 = _headless(b, b.ip, a.ip, 2, 1)
     driver = _driver(a, llama_gqa, 2, 1, "loop")
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
-        reader.start()
+        lines, reader = follow_stdout(driver)
         wait_for_line(driver, lines, "ROUND 2")                          # generating across the link
         workers = [p for p in b.pids() if p != node1.pid and b"spawn_main" in _cmdline(p)]
         assert len(workers) == 1, [(p, _cmdline(p)) for p in b.pids()]

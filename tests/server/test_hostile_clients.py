@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server_proc import ServerProcess, serving
+from server_proc import serving
 
 pytestmark = pytest.mark.timeout(240)
 LIMIT = 4 << 20                          # the server's MAX_BODY_BYTES
@@ -216,8 +216,7 @@ def test_idle_and_slowloris_connections_are_closed(server):
 
 def test_timeouts_are_server_flags(llama_gqa):
     """--timeout-keep-alive and --timeout-request-header set both deadlines; a normal request is unaffected."""
-    srv = ServerProcess(llama_gqa, "--timeout-keep-alive", "1", "--timeout-request-header", "2")
-    try:
+    with serving(llama_gqa, "--timeout-keep-alive", "1", "--timeout-request-header", "2") as srv:
         with httpx.Client(base_url=srv.url, timeout=30) as client:      # keep-alive between requests still works
             assert client.get("/health").status_code == 200
             assert client.get("/health").status_code == 200
@@ -240,9 +239,6 @@ def test_timeouts_are_server_flags(llama_gqa):
             idle.close()
             slow.close()
         assert closed_at.get("idle", 99) <= 1 + MARGIN and closed_at.get("slow", 99) <= 2 + MARGIN, closed_at
-    finally:
-        assert srv.terminate() == 0, srv.output()
-        assert srv.children() == []
 
 
 @pytest.mark.parametrize("prompts,n,words", [(2000, 1, "2000 prompts; at most 256"), (200, 16, "3200 sequences")])

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from server_proc import ServerProcess, serving
+from server_proc import serving
 from shardserve import LLM, SamplingParams
 
 API_KEY = "sk-test-123"
@@ -225,13 +225,9 @@ def test_api_key_required(server):
 
 
 def test_tp2_pp2_server_equals_offline(llama_gqa, offline):
-    srv = ServerProcess(llama_gqa, "-tp", "2", "-pp", "2")
-    try:
+    with serving(llama_gqa, "-tp", "2", "-pp", "2") as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
         expected = offline.generate(PROMPT, greedy(), use_tqdm=False)[0].outputs[0].text
         assert c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text == expected
         streamed = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == expected
-    finally:
-        assert srv.terminate() == 0, srv.output()
-        assert srv.children() == []

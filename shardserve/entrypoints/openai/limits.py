@@ -1,5 +1,6 @@
 """What one client may hold: a bounded request body (counted as it arrives) and deadlines for idle connections
-and for request heads that trickle in (slowloris); the server's default bounds on queued work and on draining."""
+and for request heads that trickle in (slowloris). The server's flags (cli.py) set the deadlines and the bounds on
+queued work and on draining."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +15,7 @@ from shardserve.entrypoints.openai.errors import error_response
 
 logger = logging.getLogger("shardserve.server")
 MAX_BODY_BYTES = 4 << 20
-TIMEOUT_KEEP_ALIVE = 5.0                # s: an open connection with no request in progress may idle this long
 TIMEOUT_REQUEST_HEADER = 10.0           # s: a request's head must be complete this long after it may start
-MAX_WAITING_REQUESTS = 2048             # sequences waiting for a running slot; past it new requests get 503
-SHUTDOWN_TIMEOUT = 10.0                 # s: on SIGTERM, work in flight may finish this long, then it is cut
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -22,9 +22,7 @@ from shardserve.core.outputs import RequestOutput
 from shardserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStoppingError
 from shardserve.entrypoints.openai import responses as R
 from shardserve.entrypoints.openai.errors import error_response
-from shardserve.entrypoints.openai.limits import (MAX_BODY_BYTES, MAX_WAITING_REQUESTS, SHUTDOWN_TIMEOUT,
-                                                  TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST_HEADER, BodyLimit, BodyTooLarge,
-                                                  guarded_protocol)
+from shardserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyLimit, BodyTooLarge, guarded_protocol
 from shardserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     TokenizeRequest)
 from shardserve.model.tokenizer import apply_chat_template
@@ -485,14 +483,13 @@ def run_server(ns: argparse.Namespace) -> int:
     from shardserve.engine.engine_args import EngineArgs
     from shardserve.engine.llm_engine import LLMEngine
 
-    keep_alive = getattr(ns, "timeout_keep_alive", TIMEOUT_KEEP_ALIVE)
-    header = getattr(ns, "timeout_request_header", TIMEOUT_REQUEST_HEADER)
+    keep_alive, header = ns.timeout_keep_alive, ns.timeout_request_header
     if not (keep_alive > 0 and header > 0):
         raise ValueError(f"--timeout-keep-alive and --timeout-request-header must be > 0, got {keep_alive}, {header}")
-    drain = getattr(ns, "shutdown_timeout", SHUTDOWN_TIMEOUT)
+    drain = ns.shutdown_timeout
     if not drain >= 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {drain}")
-    max_waiting = getattr(ns, "max_waiting_requests", MAX_WAITING_REQUESTS)
+    max_waiting = ns.max_waiting_requests
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {max_waiting}")
     args = EngineArgs.from_cli_args(ns)
