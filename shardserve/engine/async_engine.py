@@ -68,10 +68,7 @@ class AsyncEngine:
         full) or ValueError (a bad prompt or params), so a server can still answer with an error status. Closing the
         iterator early aborts the request.
         """
-        if self.dead is not None:
-            raise EngineDeadError(str(self.dead))
-        if self.refusing is not None:
-            raise EngineStoppingError(self.refusing)
+        self.check_accepting()
         waiting = self.num_waiting()
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise OverflowError(f"{waiting} requests are already waiting")
@@ -205,6 +202,13 @@ class AsyncEngine:
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def check_accepting(self) -> None:
+        """Raise EngineDeadError once the engine stopped, EngineStoppingError while the server drains."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        if self.refusing is not None:
+            raise EngineStoppingError(self.refusing)
 
     def _die(self, exc: Exception) -> None:
         self.dead = exc

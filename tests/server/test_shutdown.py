@@ -71,17 +71,25 @@ def test_sigterm_drains_then_cuts_cleanly_and_exits_0(llama_gqa):
                 "ignore_eos": True, "stream": True}
         got: dict = {}
         threads = [threading.Thread(target=read_stream, args=(srv.url, body, got, i)) for i in range(STREAMS)]
-        threads.append(threading.Thread(target=post_plain, args=(srv.url, dict(body, stream=False), got)))
-        for t in threads:
-            t.start()
-        def all_in() -> bool:                   # all 11 requests in the engine or done, one of them running
+
+        def all_in(requests: int) -> bool:      # that many requests in the engine or done, one of them running
             running, waiting = engine_counts(srv.url)
             done = sum(("end", i) in got for i in range(STREAMS))
-            return running == 2 and (running + waiting) / 2 + done == STREAMS + 1
-        deadline = time.monotonic() + 30
-        while not all_in() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert all_in(), engine_counts(srv.url)
+            return running == 2 and (running + waiting) / 2 + done == requests
+
+        def wait_all_in(requests: int) -> None:
+            deadline = time.monotonic() + 30
+            while not all_in(requests) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert all_in(requests), engine_counts(srv.url)
+
+        for t in threads:
+            t.start()
+        wait_all_in(STREAMS)
+        # the plain request queues behind every stream, so the drain deadline always finds it unfinished
+        threads.append(threading.Thread(target=post_plain, args=(srv.url, dict(body, stream=False), got)))
+        threads[-1].start()
+        wait_all_in(STREAMS + 1)
         # A request whose body is still arriving at SIGTERM: the connection stays open, the request is refused.
         late_body = json.dumps({"model": "tiny", "prompt": "Too late", "max_tokens": 4}).encode()
         late = socket.create_connection(("127.0.0.1", srv.port), timeout=30)

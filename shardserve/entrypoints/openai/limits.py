@@ -37,8 +37,7 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if declared_too_large(next((v for k, v in scope["headers"] if k == b"content-length"), None), self.limit):
             return await self._refuse(scope, receive, send)
         received = 0
         started = False
@@ -64,9 +63,18 @@ class BodyLimit:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exc = BodyTooLarge(self.limit)
-        await error_response(exc.status_code, exc.detail, "invalid_request_error", headers=exc.headers)(
-            scope, receive, send)
+        await too_large_response(self.limit)(scope, receive, send)
+
+
+def declared_too_large(length: str | bytes | None, limit: int) -> bool:
+    """A Content-Length (str or the raw header bytes) that is not a number, or is past the limit."""
+    return length is not None and (not length.isdigit() or int(length) > limit)
+
+
+def too_large_response(limit: int):
+    """The 413 for a body past `limit`, in OpenAI's error shape, closing the connection."""
+    exc = BodyTooLarge(limit)
+    return error_response(exc.status_code, exc.detail, "invalid_request_error", headers=exc.headers)
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -22,7 +22,8 @@ from shardserve.core.outputs import RequestOutput
 from shardserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStoppingError
 from shardserve.entrypoints.openai import responses as R
 from shardserve.entrypoints.openai.errors import error_response
-from shardserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyLimit, BodyTooLarge, guarded_protocol
+from shardserve.entrypoints.openai.limits import (MAX_BODY_BYTES, BodyLimit, declared_too_large, guarded_protocol,
+                                                  too_large_response)
 from shardserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     TokenizeRequest)
 from shardserve.model.tokenizer import apply_chat_template
@@ -127,10 +128,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):    # before auth, as ever
-            exc = BodyTooLarge(MAX_BODY_BYTES)
-            return error_response(exc.status_code, exc.detail, "invalid_request_error", headers=exc.headers)
+        if declared_too_large(request.headers.get("content-length"), MAX_BODY_BYTES):    # before auth, as ever
+            return too_large_response(MAX_BODY_BYTES)
         path = request.url.path
         if api_key and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
@@ -143,12 +142,6 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if name is not None and name != served_model_name:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {served_model_name!r}",
                            "NotFoundError", "model")
-
-    def ensure_alive() -> None:
-        if engine.dead is not None:
-            raise EngineDeadError(f"the engine stopped: {engine.dead}")
-        if engine.refusing is not None:
-            raise EngineStoppingError(engine.refusing)
 
     def prepare(prompt, max_tokens: int | None, param: str) -> tuple[str | None, list[int]]:
         """Tokenize and check one prompt; blocking (a long prompt takes seconds): call it off the event loop."""
@@ -165,10 +158,10 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     # ---- routes -------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if engine.dead is not None:
-            return error_response(503, f"the engine stopped: {engine.dead}", "service_unavailable")
-        if engine.refusing is not None:
-            return error_response(503, engine.refusing, "service_unavailable")
+        try:
+            engine.check_accepting()
+        except EngineDeadError as exc:                  # stopped, or draining (EngineStoppingError)
+            return error_response(503, str(exc), "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -206,7 +199,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        ensure_alive()
+        engine.check_accepting()
         try:
             prompts = req.prompts()
         except ValueError as exc:
@@ -247,7 +240,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        ensure_alive()
+        engine.check_accepting()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         max_tokens = req.max_completion_tokens or req.max_tokens
 
