@@ -24,6 +24,7 @@ NUM_PROMPTS, PROMPT_LEN, OUTPUT_LEN = 8, 16, 32
 PROMPTS = [[3 + (97 * i + 13 * j) % 997 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
 LLM_KW = {"max_model_len": 128, "kv_cache_memory": 4 << 20}
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+BACKENDS = ("nnodes", "nnodes-gloo", "ray", "ray-cgraph")
 MASTER_PORT, PROBE_PORT, RAY_PORT = 29611, 29711, 6379           # inside namespace A: its port space is its own
 SECRET = "two-hosts-bench-" + uuid.uuid4().hex
 RAY_TOKEN = uuid.uuid4().hex + uuid.uuid4().hex
@@ -41,15 +42,13 @@ def driver(model: str, backend: str, tp: int, pp: int, repeats: int, sample_s: f
         kw.update(nnodes=2, master_addr=os.environ["SHARDSERVE_HOST_IP"], master_port=MASTER_PORT,
                   distributed_timeout_seconds=120)
     else:
-        kw["distributed_executor_backend"] = backend
+        kw["distributed_executor_backend"] = backend.split("-")[0]     # ray-cgraph: ray, its env set by the parent
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     with LLM(model, **kw) as llm:
         executor, engine = llm.engine.executor, llm.engine
-        if backend == "ray":
-            import ray
-            hosts = [node[1] for node in ray.get([a.node.remote() for a in executor.actors])]
-        else:
-            hosts = [getattr(p, "host", "local") for p in executor.procs]
+        placement = getattr(executor, "placement", None)
+        hosts = ([node.ip for node in placement.nodes for _ in node.ranks] if placement is not None else
+                 [getattr(p, "host", "local") for p in executor.procs])
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)        # warm-up
         tok_s, step_ms = [], []
         cpu0, wall0 = cpu_by_process(), time.perf_counter()
@@ -60,8 +59,7 @@ def driver(model: str, backend: str, tp: int, pp: int, repeats: int, sample_s: f
             tok_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
             step_ms.append(seconds / steps * 1e3)
         cpu1, wall = cpu_by_process(), time.perf_counter() - wall0
-        pids = executor.pids if backend == "ray" else [p.pid for p in executor.procs]
-        sampled = sample_ranks(llm, pids, params, sample_s) if sample_s > 0 else None
+        sampled = sample_ranks(llm, executor.pids, params, sample_s) if sample_s > 0 else None
     cores: dict[str, float] = {}                 # CPU seconds per process kind over the timed runs / their wall time
     for pid, (kind, t1) in cpu1.items():
         kind = "driver" if pid == os.getpid() else kind
@@ -126,7 +124,7 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
             except OSError:
                 continue
             host = "AB"[i]
-            kind = (f"{host} node agent" if "--headless" in cmd else f"{host} ray daemons" if "/ray/" in cmd or
+            kind = (f"{host} node agent" if "--headless" in cmd or "ray_agent_process" in cmd else f"{host} ray daemons" if "/ray/" in cmd or
                     "ray::IDLE" in cmd or "raylet" in cmd or "gcs_server" in cmd else f"{host} workers")
             out[int(pid)] = (kind, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
     return out
@@ -326,9 +324,11 @@ def main() -> None:
     global ARGS, NAMESPACES
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layouts", default="tp2,pp2", help="comma-separated subset of " + ",".join(LAYOUTS))
-    ap.add_argument("--backends", default="nnodes-gloo,nnodes,ray",
+    ap.add_argument("--backends", default="nnodes-gloo,nnodes,ray,ray-cgraph",
                     help="two-host backends: nnodes (TP across the hosts over the TCP collectives), nnodes-gloo (the "
-                         "same over Gloo: SHARDSERVE_TP_TRANSPORT=gloo), ray (skipped if not installed)")
+                         "same over Gloo: SHARDSERVE_TP_TRANSPORT=gloo), ray (Ray places, the engine drives), "
+                         "ray-cgraph (Ray compiled graphs: SHARDSERVE_RAY_COMPILED_DAG=1); the Ray ones are skipped "
+                         "if Ray is not installed")
     ap.add_argument("--repeats", type=int, default=5, help="timed generate calls per run (median reported)")
     ap.add_argument("--probe-iters", type=int, default=400)
     ap.add_argument("--sample-seconds", type=float, default=6.0,
@@ -337,11 +337,11 @@ def main() -> None:
     layouts = [x for x in args.layouts.split(",") if x]
     backends = [x for x in args.backends.split(",") if x]
     if unknown := [x for x in layouts if x not in LAYOUTS] + [x for x in backends
-                                                               if x not in ("nnodes", "nnodes-gloo", "ray")]:
+                                                               if x not in BACKENDS]:
         sys.exit(f"unknown layout/backend {unknown}")
-    if "ray" in backends and importlib.util.find_spec("ray") is None:
-        print("ray is not installed: skipping the Ray backend", flush=True)
-        backends.remove("ray")
+    if importlib.util.find_spec("ray") is None and any(b.startswith("ray") for b in backends):
+        print("ray is not installed: skipping the Ray backends", flush=True)
+        backends = [b for b in backends if not b.startswith("ray")]
 
     import netns_hosts as netns
     from tiny_checkpoints import build_llama_gqa
@@ -377,16 +377,21 @@ def main() -> None:
                 res["probe_two"] = run_probe(a, b, a.ip, tp, pp, keys, args.probe_iters, same_host=False)
                 print(f"{name} probe, mean µs: one host {res['probe_one']}, two hosts over Gloo {res['probe_gloo']}, "
                       f"two hosts {res['probe_two']}", flush=True)
-            if "ray" in backends:        # last: Ray's daemons would otherwise share the cores with the other runs
+            ray_backends = [b for b in backends if b.startswith("ray")]
+            if ray_backends:        # last: Ray's daemons would otherwise share the cores with the other runs
                 ray_dirs = start_ray(a, b, tag)
                 for name in layouts:
                     tp, pp = LAYOUTS[name]
-                    env = {**child_env(a.ip), "RAY_ADDRESS": f"{a.ip}:{RAY_PORT}"}
-                    results[name]["ray"] = run_driver(a, model, "ray", tp, pp, env)
-                    print(f"{name} two hosts (ray): {statistics.median(results[name]['ray']['tok_s']):.1f} tok/s "
-                          f"ranks on {results[name]['ray']['hosts']}", flush=True)
+                    for backend in ray_backends:
+                        env = {**child_env(a.ip), "RAY_ADDRESS": f"{a.ip}:{RAY_PORT}",
+                               "SHARDSERVE_RAY_COMPILED_DAG": "1" if backend == "ray-cgraph" else "0"}
+                        res = results[name][backend] = run_driver(a, model, backend, tp, pp, env)
+                        print(f"{name} two hosts ({backend}): {statistics.median(res['tok_s']):.1f} tok/s "
+                              f"ranks on {res['hosts']}", flush=True)
     finally:                      # two_hosts() has killed every process in both namespaces and deleted them
         shutil.rmtree(tmp, ignore_errors=True)
+        if ray_dirs:
+            netns.forget_ray_cluster(netns.SUBNET_IPS[0])
         for d in ray_dirs:
             shutil.rmtree(d, ignore_errors=True)
     with open("/proc/loadavg") as f:
@@ -397,7 +402,7 @@ def main() -> None:
 def report(results: dict[str, dict], backends: list[str]) -> None:
     sides = ["one", *backends]
     label = {"one": "one host (mp)", "nnodes": "two hosts, nnodes", "nnodes-gloo": "two hosts, nnodes over Gloo",
-             "ray": "two hosts, Ray"}
+             "ray": "two hosts, Ray", "ray-cgraph": "two hosts, Ray compiled graph"}
     med = statistics.median
     print(f"\n{NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {OUTPUT_LEN} output tokens, greedy, one thread per rank; "
           f"median of {ARGS.repeats} timed generate calls; ms/step = wall time / engine steps")

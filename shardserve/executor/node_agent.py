@@ -32,6 +32,14 @@ def run_headless(nnodes: int, node_rank: int, master_addr: str | None, master_po
     if secret is None:
         raise ValueError("--headless needs SHARDSERVE_SECRET, the same value as on node 0 "
                          "(e.g. `export SHARDSERVE_SECRET=$(openssl rand -hex 32)` once, then on every node)")
+    channel, host = join(master_addr, master_port, secret, node_rank, env._get("SHARDSERVE_HOST_IP"), timeout_s)
+    return serve(channel, host, master_addr, master_port, timeout_s)
+
+
+def join(master_addr: str, master_port: int, secret: bytes, node_rank: int, host: str | None,
+         timeout_s: float) -> tuple[Channel, str]:
+    """Connect to node 0's control port and announce this node (its rank and address: `host`, else the address
+    this connection leaves from). ConnectionError naming the address when node 0 cannot be reached."""
     try:
         channel = connect(master_addr, master_port, secret, timeout_s)
     except AuthError:
@@ -39,8 +47,14 @@ def run_headless(nnodes: int, node_rank: int, master_addr: str | None, master_po
     except ConnectionError as exc:
         raise ConnectionError(f"no master reachable: {exc}; start node 0 first, or check --master-addr and "
                               "--master-port (and --distributed-timeout-seconds to wait longer)") from None
-    host = env._get("SHARDSERVE_HOST_IP") or channel.sock.getsockname()[0]
+    host = host or channel.sock.getsockname()[0]
     channel.send(("agent", node_rank, host, os.getpid()))
+    return channel, host
+
+
+def serve(channel: Channel, host: str, master_addr: str, master_port: int, timeout_s: float) -> int:
+    """Wait for node 0's start message, run this node's ranks until the launch ends; exit status 0 if it ended
+    normally."""
     channel.settimeout(timeout_s)
     try:
         msg = channel.recv()

@@ -48,8 +48,8 @@ class RemoteRank:
 
 class NodeLink:
     def __init__(self, node: int, host: str, channel: Channel, ranks: list[int], pids: list[int],
-                 heartbeat_timeout: float):
-        self.node, self.host, self.channel = node, host, channel
+                 heartbeat_timeout: float, agent_pid: int):
+        self.node, self.host, self.channel, self.agent_pid = node, host, channel, agent_pid
         self.heartbeat_timeout = heartbeat_timeout
         self.handles = [RemoteRank(r, node, host, pid) for r, pid in zip(ranks, pids)]
         self.by_rank = {h.rank: h for h in self.handles}

@@ -94,3 +94,15 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
             kill_namespace_pids(h)
         for h in created:
             subprocess.run(["ip", "netns", "del", h.ns], capture_output=True)
+
+
+def forget_ray_cluster(ip: str) -> None:
+    """`ray start --head` in a namespace records that cluster as this machine's current one; once it is gone, a
+    later local Ray (address "auto") must not try to join it."""
+    path = "/tmp/ray/ray_current_cluster"
+    try:
+        with open(path) as f:
+            if f.read().startswith(ip):
+                os.unlink(path)
+    except OSError:
+        pass

@@ -228,7 +228,7 @@ if __name__ == "__main__":      # node 0's driver, run inside namespace A
               master_addr=host_ip, master_port=MASTER_PORT,
               distributed_timeout_seconds=float(os.environ.get("TEST_TIMEOUT_S", 120)), **LLM_KW)
     executor = llm.engine.executor
-    print("LAUNCH", executor.launch_id, flush=True)
+    print("LAUNCH", executor.launch.launch_id, flush=True)
     if mode == "once":
         with llm:
             tokens = greedy(llm)

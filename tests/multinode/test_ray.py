@@ -50,19 +50,22 @@ def _env(host: netns.Host) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A Ray head in namespace A and a Ray worker node in namespace B (1 CPU each); killed by namespace pids."""
+    """A Ray head in namespace A and a Ray worker node in namespace B (2 CPUs each); killed by namespace pids."""
     reason = netns.available()
     if reason:
         pytest.skip(f"two-host Ray test: {reason}")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    common = ["--num-cpus", "1", "--object-store-memory", "200000000", "--disable-usage-stats"]
+    common = ["--num-cpus", "2", "--object-store-memory", "200000000", "--disable-usage-stats"]
     tag = uuid.uuid4().hex[:6]
     with netns.two_hosts() as (a, b):
         _start(a, [ray_bin, "start", "--head", "--node-ip-address", a.ip, "--port", str(RAY_PORT),
                    "--include-dashboard", "false", "--temp-dir", f"/tmp/rA{tag}", *common])
         _start(b, [ray_bin, "start", "--address", f"{a.ip}:{RAY_PORT}", "--node-ip-address", b.ip,
                    "--temp-dir", f"/tmp/rB{tag}", *common])
-        yield a, b
+        try:
+            yield a, b
+        finally:
+            netns.forget_ray_cluster(a.ip)
 
 
 def _start(host: netns.Host, argv: list[str]) -> None:
@@ -70,21 +73,90 @@ def _start(host: netns.Host, argv: list[str]) -> None:
     assert proc.returncode == 0, f"{' '.join(argv)} failed in {host.ns}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
-def run_driver(host: netns.Host, model: str, tp: int, pp: int) -> dict:
-    env = {**_env(host), "RAY_ADDRESS": f"{host.ip}:{RAY_PORT}"}
-    argv = [sys.executable, os.path.abspath(__file__), model, str(tp), str(pp)]
+def run_driver(host: netns.Host, model: str, tp: int, pp: int, mode: str = "generate", timeout_s: float = 60,
+               **env: str) -> tuple[int, dict | str]:
+    """The driver script below, run in `host`: (exit status, its JSON line, or its stderr when it failed)."""
+    env = {**_env(host), "RAY_ADDRESS": f"{host.ip}:{RAY_PORT}", **env}
+    argv = [sys.executable, os.path.abspath(__file__), model, str(tp), str(pp), mode, str(timeout_s)]
     proc = host.run(argv, env=env, timeout=DRIVER_TIMEOUT_S, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        return proc.returncode, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return 0, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2-one-rank-per-host", "pp2-one-stage-per-host"])
-def test_two_hosts_match_single_process(ray_cluster, llama_gqa, reference, tp, pp):
-    a, _ = ray_cluster
-    got = run_driver(a, llama_gqa, tp, pp)
+@pytest.mark.parametrize("tp,pp,mode", [(2, 1, "spread"), (1, 2, "spread"), (2, 2, "generate")],
+                         ids=["tp2-one-rank-per-host", "pp2-one-stage-per-host", "tp2xpp2-two-ranks-per-host"])
+def test_two_hosts_match_single_process(ray_cluster, llama_gqa, reference, tp, pp, mode):
+    """Ray places the ranks on both hosts ("spread": one CPU of each is taken first, so two ranks cannot pack onto
+    one), the engine drives them over its own channel: the tokens of one process."""
+    a, b = ray_cluster
+    status, got = run_driver(a, llama_gqa, tp, pp, mode)
+    assert status == 0, got
     assert got["tokens"] == reference
-    assert sorted(got["node_ips"]) == sorted(netns.SUBNET_IPS), got     # really one rank per host
+    per_host = tp * pp // 2
+    assert sorted(got["node_ips"]) == sorted([a.ip] * per_host + [b.ip] * per_host), got
+    assert got["far_ranks"] == per_host and got["agents"] == 1, got      # one agent process runs host B's ranks
+
+
+@pytest.mark.timeout(300)
+def test_two_hosts_killed_far_rank_fails_within_10s_and_leaves_nothing(ray_cluster, llama_gqa):
+    """kill -9 of the rank on host B during generate: a WorkerError naming it within 10 s, and once the driver has
+    exited, no worker, agent or rank actor of the launch is left on either host."""
+    a, _ = ray_cluster
+    status, got = run_driver(a, llama_gqa, 1, 2, "kill")
+    assert status == 0, got
+    assert "rank 1 on node 1 (10.213.7.2" in got["error"] and "was killed by signal 9" in got["error"], got
+    assert got["seconds_to_error"] < 10, got
+    deadline = time.monotonic() + 20
+    while (alive := [p for p in got["pids"] if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"left running after the driver exited: {alive} of {got['pids']}"
+
+
+@pytest.mark.timeout(300)
+def test_two_hosts_unreachable_control_port_names_node_address_and_port(ray_cluster, llama_gqa):
+    """Host A's answers from the driver's control port go nowhere (a policy-routing blackhole for its TCP source
+    port: a firewall that drops host B's connections). The launch fails within the distributed timeout with an
+    error naming host B, the driver's address and port, and nothing of it is left running."""
+    a, b = ray_cluster
+    port = 29655
+    rule = ["ip", "-n", a.ns, "rule", "add", "ipproto", "tcp", "sport", str(port), "blackhole"]
+    subprocess.run(rule, check=True, capture_output=True)
+    try:
+        start = time.monotonic()
+        status, err = run_driver(a, llama_gqa, 1, 2, "spread", timeout_s=8, SHARDSERVE_PORT=str(port))
+        elapsed = time.monotonic() - start
+    finally:
+        subprocess.run(["ip", "-n", a.ns, "rule", "del", "ipproto", "tcp", "sport", str(port), "blackhole"],
+                       capture_output=True)
+    assert status != 0, err
+    assert f"the Ray node at {b.ip} could not join the driver's control port {a.ip}:{port}" in err, err
+    assert elapsed < 60, elapsed
+    assert not _launch_processes(a, b), _launch_processes(a, b)
+
+
+@pytest.mark.timeout(120)
+def test_two_hosts_missing_auth_token_is_a_clear_error(ray_cluster, llama_gqa):
+    """A driver without the cluster's RAY_AUTH_TOKEN is told what to set, before anything starts."""
+    a, _ = ray_cluster
+    status, err = run_driver(a, llama_gqa, 1, 2, "generate", RAY_AUTH_TOKEN="", RAY_AUTH_MODE="")
+    assert status != 0, err
+    assert "RAY_AUTH_TOKEN" in err and "RAY_AUTH_MODE=token" in err, err[-3000:]
+
+
+def _launch_processes(*hosts: netns.Host) -> list[str]:
+    """Command lines of the agent or worker processes (spawned by multiprocessing) still running on the hosts."""
+    out = []
+    for pid in (p for h in hosts for p in h.pids()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("ray_agent_process" in cmd or "multiprocessing.spawn" in cmd) and _running(pid):
+            out.append(f"{pid}: {cmd}")
+    return out
 
 
 @pytest.mark.timeout(300)
@@ -127,7 +199,7 @@ def test_more_ranks_than_cluster_is_a_clear_error(llama_gqa):
 
 
 @pytest.mark.timeout(180)
-def test_dead_actor_is_a_worker_error_naming_the_rank(llama_gqa):
+def test_dead_rank_is_a_worker_error_naming_it(llama_gqa):
     from shardserve import LLM, SamplingParams
     from shardserve.executor.base import WorkerError
     if ray.is_initialized():
@@ -151,18 +223,44 @@ def _running(pid: int) -> bool:
         return False
 
 
-if __name__ == "__main__":      # the driver, run inside namespace A: tokens and timing as one JSON line
-    model, tp, pp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def _driver_main(model: str, tp: int, pp: int, mode: str, timeout_s: float) -> dict:
+    """Run inside namespace A. mode: "generate"; "spread" (one CPU of every node taken first, so the ranks spread
+    over the hosts); "kill" (kill -9 the last rank, on host B, during generate; report the error)."""
+    import threading
     from shardserve import LLM, SamplingParams
+    from shardserve.executor.base import WorkerError
+    if mode in ("spread", "kill"):
+        ray.init(logging_level="warning")
+        filler = ray.util.placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+        ray.get(filler.ready(), timeout=60)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out: dict = {}
     with LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="ray",
-             **LLM_KW) as llm:
-        ips = ray.get([a.node.remote() for a in llm.engine.executor.actors])
+             distributed_timeout_seconds=timeout_s, **LLM_KW) as llm:
+        executor = llm.engine.executor
+        out["node_ips"] = [node.ip for node in executor.placement.nodes for _ in node.ranks]
+        out["far_ranks"] = sum(hasattr(p, "host") for p in executor.procs)          # RemoteRank: another node's
+        out["agents"] = len(executor.launch.links)
+        out["pids"] = [*executor.pids, *(link.agent_pid for link in executor.launch.links), *executor.placement.pids]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-    print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": seconds,
-                      "node_ips": [i[1] for i in ips]}))
+        out["seconds"] = time.perf_counter() - start
+        out["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        if mode == "kill":
+            killed = []
+            threading.Timer(1.0, lambda: (killed.append(time.monotonic()),
+                                          os.kill(executor.pids[-1], 9))).start()
+            long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+            try:
+                while True:
+                    llm.generate([{"prompt_token_ids": p} for p in PROMPTS * 8], long, use_tqdm=False)
+            except WorkerError as exc:
+                out["seconds_to_error"], out["error"] = time.monotonic() - killed[0], str(exc)
+    return out
+
+
+if __name__ == "__main__":      # the driver, run inside namespace A: what it saw as one JSON line
+    print(json.dumps(_driver_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))))
 
 
 @pytest.mark.timeout(300)

@@ -36,7 +36,7 @@ def test_worker_kill_during_generate(llama_gqa, tp, pp, victim):
     llm = _mp_llm(llama_gqa, tp, pp)
     executor = llm.engine.executor
     pids = [p.pid for p in executor.procs]
-    launch = executor.launch_id
+    launch = executor.launch.launch_id
     outcome: dict = {}
 
     def run():
@@ -79,7 +79,7 @@ def test_frozen_worker_is_detected_by_its_liveness_beat(llama_gqa, monkeypatch):
     monkeypatch.setenv("SHARDSERVE_HEARTBEAT_TIMEOUT", "3")
     llm = _mp_llm(llama_gqa, 2, 1)
     pids = [p.pid for p in llm.engine.executor.procs]
-    launch = llm.engine.executor.launch_id
+    launch = llm.engine.executor.launch.launch_id
     outcome: dict = {}
 
     def run():
@@ -117,7 +117,7 @@ DRIVER = textwrap.dedent("""
         llm = LLM(sys.argv[1], tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="mp",
                   max_model_len=256, kv_cache_memory=16 << 20)
         ex = llm.engine.executor
-        print("WORKERS", ex.launch_id, *[p.pid for p in ex.procs], flush=True)
+        print("WORKERS", ex.launch.launch_id, *[p.pid for p in ex.procs], flush=True)
         while True:
             llm.generate(["a driver that will be killed"] * 16,
                          SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), use_tqdm=False)

@@ -15,7 +15,7 @@ import pytest
 from rel_util import SHM, alive, kill_quietly, shm_leftovers, wait_until
 from server_proc import REPO
 from shardserve import LLM
-from shardserve.executor import multiproc
+from shardserve.executor import launch as launch_module, multiproc
 from shardserve.executor.base import WorkerError
 
 GUARD = 'if __name__ == "__main__":'
@@ -119,7 +119,7 @@ def launch(monkeypatch):
     """The next mp launch, watched: its id fixed in advance (its /dev/shm names contain it) and the workers already
     running noted; whatever it leaves behind is removed after the test, pass or fail."""
     launch_id = uuid.uuid4()
-    monkeypatch.setattr(multiproc, "uuid", types.SimpleNamespace(uuid4=lambda: launch_id))
+    monkeypatch.setattr(launch_module, "uuid", types.SimpleNamespace(uuid4=lambda: launch_id))
     watched = types.SimpleNamespace(id=launch_id.hex[:12], workers_before=_spawned_workers())
     yield watched
     for pid in _spawned_workers() - watched.workers_before:
