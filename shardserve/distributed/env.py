@@ -38,6 +38,8 @@ ENV_VARS: dict[str, str] = {
     "OMPI_COMM_WORLD_LOCAL_SIZE": "number of processes on this node under Open MPI's mpirun",
     "PMI_RANK": "global rank under MPICH / Intel MPI (PMI)",
     "PMI_SIZE": "number of processes under MPICH / Intel MPI (PMI)",
+    "SHARDSERVE_RAY_COMPILED_DAG": "'1': the ray backend carries steps through a Ray compiled graph "
+                                   "(ray[cgraph]); '0' (default): the default Ray path",
     "RAY_ADDRESS": "Ray cluster the ray executor joins (else a running local one via address='auto', else a new local Ray)",
     "GLOO_SOCKET_IFNAME": "interface Gloo uses; the ray executor sets it per actor to the one carrying the node's host IP",
 }
@@ -147,6 +149,14 @@ def heartbeat_timeout() -> float:
     if seconds < 2:
         raise ValueError(f"SHARDSERVE_HEARTBEAT_TIMEOUT={value!r}: expected at least 2 seconds (heartbeats are 1 s apart)")
     return seconds
+
+
+def ray_compiled_dag() -> bool:
+    """SHARDSERVE_RAY_COMPILED_DAG: "1" selects the Ray compiled-graph executor, "0" (default) the default one."""
+    value = _get("SHARDSERVE_RAY_COMPILED_DAG") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"SHARDSERVE_RAY_COMPILED_DAG={value!r}: expected '0' or '1'")
+    return value == "1"
 
 
 def cpu_kernels() -> str:

@@ -14,6 +14,10 @@ def create_executor(config: EngineConfig) -> Executor:
         from shardserve.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(config)
     if backend == "ray":
+        from shardserve.distributed import env
+        if env.ray_compiled_dag():
+            from shardserve.executor.ray_compiled_dag import RayCompiledDagExecutor
+            return RayCompiledDagExecutor(config)
         from shardserve.executor.ray import RayExecutor
         return RayExecutor(config)
     if backend == "external_launcher":

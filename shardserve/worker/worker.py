@@ -101,6 +101,19 @@ class Worker:
             return None
         return out if ctx.tp.is_first else None
 
+    def execute_stage(self, sched: SchedulerOutput, intermediate: dict[str, torch.Tensor] | None
+                      ) -> ModelRunnerOutput | dict[str, torch.Tensor] | None:
+        """execute_model with the pipeline hand-off passed in and returned instead of received and sent (Ray
+        compiled graphs carry it): the previous stage's {"hidden_states", "residual"} ([num_tokens, hidden]; None
+        on the first stage) in; this stage's hand-off out before the last stage, else as execute_model."""
+        ctx = self.ctx
+        if intermediate is not None:
+            intermediate = {name: t.to(ctx.device) for name, t in intermediate.items()}
+        out = self.runner.execute(sched, intermediate, sample_here=ctx.tp.is_first)
+        if not ctx.pp.is_last:
+            return out
+        return out if ctx.tp.is_first else None
+
     def check_health(self) -> bool:
         return True
 
