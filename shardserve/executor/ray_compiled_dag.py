@@ -6,6 +6,12 @@ TP rank t of stage k feeds TP rank t of stage k+1 with (scheduler output, {"hidd
 DAG's channels (shared memory on a node, Ray's channels between nodes; NCCL on the GPU), and every last-stage
 rank is an output (tp_rank 0's carries the sampled tokens). Up to pp executions are in flight. TP collectives
 stay on torch.distributed. A rank that dies or raises is seen by Ray's DAG monitor, or by the step timeout.
+
+Known Ray limitation (2.60; ray-project/ray#59404, #59191, #63229, open): when a rank dies while a rank on
+another node still writes into the DAG, the raylet of the node reading that cross-node channel can hit a fatal
+check (experimental_mutable_object_provider.cc:154, "Channel closed") and exit, losing that Ray node. The step
+still fails with a WorkerError naming the dead rank and nothing of the launch is left, but the cluster needs
+that node's `ray start` again (seen in about 1 of 6 kills of the driver's-node rank of tp=2 over two hosts).
 """
 from __future__ import annotations
 
