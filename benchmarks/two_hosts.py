@@ -210,7 +210,7 @@ def probe(rank: int, tp: int, pp: int, master: str, launch_id: str, host_id: str
                     else:
                         comm.send_tensors(comm.recv_tensors(other, group), other, group)
                 calls[item] = ping_pong
-        out: dict = {"transport": "shm" if group.shm else "tcp" if group.net else "gloo"}
+        out: dict = {"transport": "shm" if group.shm else "tcp" if group.net or group.links else "gloo"}
         for _ in range(4):
             for key, fn in calls.items():
                 us = _mean_us(fn, max(iters // 4, 1), barrier) / (2 if key.startswith("sr:") else 1)

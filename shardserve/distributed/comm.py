@@ -107,10 +107,12 @@ def send_tensors(tensors: dict[str, torch.Tensor], dst: int, group: ParallelGrou
         encoded = name.encode()
         words += [_DTYPE_CODE[t.dtype], t.dim(), *t.shape, len(encoded), *encoded]
     words[0] = len(words)
-    device = _wire_device(group)
     header = torch.zeros(max(_HEADER_LEN, len(words)), dtype=torch.int64)
     header[: len(words)] = torch.tensor(words, dtype=torch.int64)
-    header = header.to(device)
+    if (link := group.links.get(dst)) is not None:      # a neighbouring stage on another node: its TCP link
+        _send_on_link(link, header, tensors.values())
+        return
+    header = header.to(_wire_device(group))
     dist.send(header[:_HEADER_LEN], dst=dst, group=group.group)
     if len(words) > _HEADER_LEN:
         dist.send(header[_HEADER_LEN:].contiguous(), dst=dst, group=group.group)
@@ -121,13 +123,22 @@ def send_tensors(tensors: dict[str, torch.Tensor], dst: int, group: ParallelGrou
 
 def recv_tensors(src: int, group: ParallelGroup, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Receive what send_tensors sent from global rank `src`; tensors are returned on `device`."""
-    wire = _wire_device(group)
+    link = group.links.get(src)
+    wire = torch.device("cpu") if link is not None else _wire_device(group)
+
+    def receive(*ts: torch.Tensor) -> None:
+        if link is not None:                            # one message for them all
+            link.exchange([], [(1 - link.index, [_byte_view(t) for t in ts])])
+        else:
+            for t in ts:
+                dist.recv(_as_wire(t), src=src, group=group.group)
+
     head = torch.empty(_HEADER_LEN, dtype=torch.int64, device=wire)
-    dist.recv(head, src=src, group=group.group)
+    receive(head)
     words = head.tolist()
     if words[0] > _HEADER_LEN:
         rest = torch.empty(words[0] - _HEADER_LEN, dtype=torch.int64, device=wire)
-        dist.recv(rest, src=src, group=group.group)
+        receive(rest)
         words += rest.tolist()
     out: dict[str, torch.Tensor] = {}
     pos = 2
@@ -138,8 +149,25 @@ def recv_tensors(src: int, group: ParallelGroup, device: torch.device | str = "c
         name_len = words[pos]
         name = bytes(words[pos + 1: pos + 1 + name_len]).decode()
         pos += 1 + name_len
-        t = torch.empty(shape, dtype=dtype, device=wire)
-        if t.numel() > 0:
-            dist.recv(_as_wire(t), src=src, group=group.group)
-        out[name] = t.to(device)
-    return out
+        out[name] = torch.empty(shape, dtype=dtype, device=wire)
+    filled = [t for t in out.values() if t.numel() > 0]   # empty tensors travel in the header only
+    if filled:
+        receive(*filled)
+    return {name: t.to(device) for name, t in out.items()}
+
+
+def _send_on_link(link, header: torch.Tensor, tensors) -> None:
+    """send_tensors' messages on a PP link, as recv_tensors receives them: the fixed header, the rest of a
+    longer one, then every non-empty tensor in one message (sent at once when they fit the socket buffers)."""
+    peer = 1 - link.index
+    link.exchange([(peer, [_byte_view(header[:_HEADER_LEN])])], [])
+    if len(header) > _HEADER_LEN:
+        link.exchange([(peer, [_byte_view(header[_HEADER_LEN:])])], [])
+    filled = [_byte_view(t.contiguous()) for t in tensors if t.numel() > 0]
+    if filled:
+        link.exchange([(peer, filled)], [])
+
+
+def _byte_view(t: torch.Tensor):
+    """A contiguous CPU tensor's memory as a numpy uint8 buffer (sent from / received into in place)."""
+    return t.reshape(-1).view(torch.uint8).numpy()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from shardserve.distributed import env
 from shardserve.distributed.shm_comm import DEFAULT_SLOT_BYTES, SHM_SUPPORTED, ShmCommunicator, ShmUnavailable
 from shardserve.distributed.tcp_collectives import TcpCommunicator, build_tcp_communicator
+from shardserve.distributed.tcp_mesh import TcpMesh
 from shardserve.distributed.netif import listen_ip
 
 
@@ -42,6 +43,7 @@ class ParallelGroup:
     group: dist.ProcessGroup | None = None  # None when size == 1
     shm: ShmCommunicator | None = field(default=None, repr=False)  # CPU ranks on one node only
     net: TcpCommunicator | None = field(default=None, repr=False)  # CPU ranks on several nodes (TCP + shm teams)
+    links: dict[int, TcpMesh] = field(default_factory=dict, repr=False)  # PP: neighbour stage on another node -> link
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank_in_group < len(self.ranks):
@@ -137,7 +139,8 @@ def init_parallel_context(
     Every rank of the world calls this with the same (world_size, tp, pp). Without `store`, a TCPStore
     client connects to master_addr:master_port (the driver's `create_store`). CPU TP groups whose
     members all run on this host get a shared-memory communicator when use_shm is set (x86 only);
-    `launch_id` (unique per launch) names its segment. PP groups always use torch.distributed.
+    `launch_id` (unique per launch) names its segment. CPU PP hand-offs take TCP links (_pp_links) when a
+    secret is given, else torch.distributed (as on CUDA).
     `host_id` names this node (e.g. its advertised host IP); default: hostname plus boot id.
     CPU TP groups whose members span nodes use TCP collectives (tcp_collectives.py: persistent connections
     authenticated with `secret`, shared-memory teams inside each node) when a secret is given and
@@ -169,12 +172,22 @@ def init_parallel_context(
     tp_group, pp_group = make(tp_groups), make(pp_groups)
 
     cross_host = bool(secret) and env.tp_transport() == "auto"
-    if device.type == "cpu" and tp_group.size > 1 and (use_shm and SHM_SUPPORTED or cross_host):
+    tp_fast = tp_group.size > 1 and (use_shm and SHM_SUPPORTED or cross_host)
+    pp_tcp = pp_group.size > 1 and bool(secret)            # CPU PP hand-offs: TCP links (any node), never Gloo
+    if device.type == "cpu" and (tp_fast or pp_tcp):     # the same on every rank: all publish their node
         prefix = f"shardserve/{launch_id}"
         my_host = host_id or _host_id()
         store.set(f"{prefix}/host/{rank}", my_host)
-        hosts = [store.get(f"{prefix}/host/{r}").decode() for r in tp_group.ranks]
-        if len(set(hosts)) == 1 and use_shm and SHM_SUPPORTED:
+
+        def host_of(r: int) -> str:
+            return store.get(f"{prefix}/host/{r}").decode()
+
+        port = env.collectives_port()
+        # SHARDSERVE_COLLECTIVES_PORT: a node's ranks listen on base + their place among the node's ranks (TP),
+        # then base + the node's rank count + that place (the link to the next PP stage)
+        mine = [r for r in range(world_size) if host_of(r) == my_host] if port is not None else []
+        hosts = [host_of(r) for r in tp_group.ranks]
+        if tp_fast and len(set(hosts)) == 1 and use_shm and SHM_SUPPORTED:
             try:
                 tp_group.shm = ShmCommunicator(
                     tp_group.rank_in_group,
@@ -186,24 +199,46 @@ def init_parallel_context(
                 )
             except ShmUnavailable as exc:  # raised on every member alike: all fall back to torch.distributed
                 warnings.warn(f"shared-memory collectives disabled, using {backend}: {exc}", stacklevel=2)
-        elif len(set(hosts)) > 1 and cross_host:
-            port = env.collectives_port()
-            if port is not None:        # one port per rank of this node: base + its place among the node's ranks
-                port += sum(store.get(f"{prefix}/host/{r}").decode() == my_host for r in range(rank))
+        elif tp_fast and len(set(hosts)) > 1 and cross_host:
             tp_group.net = build_tcp_communicator(
                 tp_group.ranks, tp_group.rank_in_group, hosts, store, name=f"{launch_id or 'x'}-tp{tp_group.ranks[0]}",
-                secret=secret, listen_ip=listen_ip(host_id, master_addr), timeout_s=timeout_s, port=port or 0,
-                use_shm=use_shm, shm_slot_bytes=shm_slot_bytes)
+                secret=secret, listen_ip=listen_ip(host_id, master_addr), timeout_s=timeout_s,
+                port=port + mine.index(rank) if port is not None else 0, use_shm=use_shm,
+                shm_slot_bytes=shm_slot_bytes)
+        if pp_tcp:
+            pp_group.links = _pp_links(pp_group, host_of, store, name=launch_id or "x", secret=secret,
+                                       listen_addr=listen_ip(host_id, master_addr), timeout_s=timeout_s,
+                                       port=port + len(mine) + mine.index(rank) if port is not None else 0)
     return ParallelContext(tp=tp_group, pp=pp_group, rank=rank, world_size=world_size, device=device)
+
+
+def _pp_links(pp: ParallelGroup, host_of, store: dist.Store, *, name: str, secret: bytes, listen_addr: str,
+              timeout_s: float, port: int) -> dict[int, TcpMesh]:
+    """TCP links to this rank's neighbouring stages, for the PP hand-offs (send_tensors), keyed by their global
+    rank: one round trip's latency where Gloo's send/recv costs several (on one node too). A link is a two-member
+    TcpMesh, the earlier stage first (it listens, on `port` when given; the later one connects); both ends make
+    their calls on it in the same order. Built previous stage first: a stage's set-up waits only on stages before
+    it."""
+    links: dict[int, TcpMesh] = {}
+    me = pp.rank
+    for other, earlier in ((pp.prev_rank, False), (pp.next_rank, True)):
+        if other is None:
+            continue
+        first, second = (me, other) if earlier else (other, me)
+        links[other] = TcpMesh(0 if earlier else 1, 2, store, f"{name}-pp{first}-{second}", host=listen_addr,
+                               secret=secret, timeout_s=timeout_s, port=port if earlier else 0, node=host_of(me),
+                               labels=[f"rank {first}", f"rank {second}"])
+    return links
 
 
 def destroy_parallel_context(ctx: ParallelContext) -> None:
     """Close shared-memory segments and tear down torch.distributed (safe on ParallelContext.single())."""
     for g in (ctx.tp, ctx.pp):
-        for c in (g.shm, g.net):
+        for c in (g.shm, g.net, *g.links.values()):
             if c is not None:
                 c.close()
         g.shm = g.net = None
+        g.links = {}
         g.group = None
     if dist.is_initialized():
         dist.destroy_process_group()

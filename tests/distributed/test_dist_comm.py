@@ -17,15 +17,16 @@ SLOT_BYTES = 64 * 1024
 
 # ---------------------------------------------------------------- harness
 
-def _entry(fn, rank, world, tp, pp, port, use_shm, launch_id, results) -> None:
+def _entry(fn, rank, world, tp, pp, port, use_shm, launch_id, results, hosts=None) -> None:
     from shardserve.distributed.parallel_state import destroy_parallel_context, init_parallel_context
 
     torch.set_num_threads(1)
     ctx = None
+    nodes = {"host_id": hosts[rank], "secret": b"s" * 32} if hosts else {}      # ranks posing as several nodes
     try:
         ctx = init_parallel_context(rank, world, tp, pp, master_addr="127.0.0.1", master_port=port,
                                     use_shm=use_shm, launch_id=launch_id, timeout_s=60,
-                                    shm_slot_bytes=SLOT_BYTES)
+                                    shm_slot_bytes=SLOT_BYTES, **nodes)
         results.put((rank, "ok", fn(ctx, launch_id)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -38,15 +39,17 @@ def _segments(launch_id: str) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if launch_id in n]
 
 
-def run_ranks(fn, world: int, tp: int, pp: int = 1, use_shm: bool = True, timeout: float = 60) -> list:
-    """fn(ctx, launch_id) on each of `world` spawned ranks; their results in rank order."""
+def run_ranks(fn, world: int, tp: int, pp: int = 1, use_shm: bool = True, timeout: float = 60,
+              hosts: list[str] | None = None) -> list:
+    """fn(ctx, launch_id) on each of `world` spawned ranks; their results in rank order. hosts: each rank's node
+    (they then hold the launch secret, so groups spanning nodes take the TCP transports)."""
     from shardserve.distributed.parallel_state import create_store
 
     store = create_store("127.0.0.1", 0, world)  # before the workers start: fast rendezvous
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     launch_id = f"t{uuid.uuid4().hex[:10]}"
-    procs = [spawn.Process(target=_entry, args=(fn, r, world, tp, pp, store.port, use_shm, launch_id, results),
+    procs = [spawn.Process(target=_entry, args=(fn, r, world, tp, pp, store.port, use_shm, launch_id, results, hosts),
                            daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -85,25 +88,37 @@ def _message(step: int) -> dict[str, torch.Tensor]:
 
 def _pipeline(ctx, launch_id):
     """tp=2, pp=2, no shm: groups as in the table, and two send/recv hand-offs in order."""
-    from shardserve.distributed import comm
-
-    assert ctx.tp.shm is None
+    assert ctx.tp.shm is None and ctx.pp.links == {}
     assert ctx.tp.ranks == [[0, 1], [2, 3]][ctx.pp_rank] and ctx.pp.ranks == [[0, 2], [1, 3]][ctx.tp_rank]
     assert ctx.rank == ctx.pp_rank * 2 + ctx.tp_rank
-    if ctx.pp.is_first:
-        for step in (0, 1):
-            comm.send_tensors(_message(step), ctx.pp.next_rank, ctx.pp)
-    else:
-        for step in (0, 1):
+    _hand_offs(ctx)
+    # a TP all-reduce over Gloo on each stage
+    from shardserve.distributed import comm
+    assert comm.all_reduce(torch.tensor([float(ctx.rank)]), ctx.tp).item() == [1.0, 5.0][ctx.pp_rank]
+    return ctx.rank
+
+
+def _pipeline_on_links(ctx, launch_id):
+    """pp=3 with stages 0 and 1 on node "a", stage 2 on node "b", with the launch secret: both hand-offs take TCP
+    links (within a node and across); the messages arrive whole and in order."""
+    assert sorted(ctx.pp.links) == {0: [1], 1: [0, 2], 2: [1]}[ctx.rank], ctx.pp.links
+    _hand_offs(ctx)
+    return ctx.rank
+
+
+def _hand_offs(ctx) -> None:
+    """Two messages down the pipeline: each stage receives both from the previous one and passes them on."""
+    from shardserve.distributed import comm
+
+    for step in (0, 1):
+        if not ctx.pp.is_first:
             got = comm.recv_tensors(ctx.pp.prev_rank, ctx.pp, ctx.device)
             want = _message(step)
             assert list(got) == list(want)
             for name in want:
                 assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-    # a TP all-reduce over Gloo on each stage
-    out = comm.all_reduce(torch.tensor([float(ctx.rank)]), ctx.tp)
-    assert out.item() == [1.0, 5.0][ctx.pp_rank]
-    return ctx.rank
+        if not ctx.pp.is_last:
+            comm.send_tensors(_message(step), ctx.pp.next_rank, ctx.pp)
 
 
 def _peer_dies(ctx, launch_id):
@@ -126,6 +141,11 @@ def _peer_dies(ctx, launch_id):
 @pytest.mark.timeout(120)
 def test_pipeline_send_recv_and_gloo_only_groups():
     assert run_ranks(_pipeline, 4, tp=2, pp=2, use_shm=False) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_hand_offs_take_tcp_links():
+    assert run_ranks(_pipeline_on_links, 3, tp=1, pp=3, hosts=["a", "a", "b"]) == [0, 1, 2]
 
 
 @pytest.mark.timeout(120)

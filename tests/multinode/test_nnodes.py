@@ -165,10 +165,12 @@ def _driver(host: netns.Host, model: str, tp: int, pp: int, mode: str) -> subpro
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp,pp,transport", [(2, 1, "tcp"), (1, 2, "none"), (4, 1, "tcp+shm")],
+@pytest.mark.parametrize("tp,pp,transport,pp_transport", [(2, 1, "tcp", "none"), (1, 2, "none", "tcp"),
+                                                          (4, 1, "tcp+shm", "none")],
                          ids=["tp2-one-rank-per-host", "pp2-one-stage-per-host", "tp4-two-ranks-per-host"])
-def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, transport):
-    """TP across the hosts runs on the TCP collectives (with shared memory inside a host holding two ranks)."""
+def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, transport, pp_transport):
+    """TP across the hosts runs on the TCP collectives (with shared memory inside a host holding two ranks), and a
+    hand-off between stages on different hosts on a TCP link."""
     a, b = hosts
     node1 = b.popen(headless_argv(a.ip, MASTER_PORT), _env(b.ip), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     text=True)
@@ -181,6 +183,7 @@ def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, tra
         half = tp * pp // 2
         assert got["hosts"] == [a.ip] * half + [b.ip] * half     # the first ranks on host A, the others on B
         assert got["transports"] == [transport] * (tp * pp)
+        assert got["pp_transports"] == [pp_transport] * (tp * pp)
         assert node1.wait(timeout=30) == 0
     finally:
         if node1.poll() is None:
@@ -234,7 +237,8 @@ if __name__ == "__main__":      # node 0's driver, run inside namespace A
             tokens = greedy(llm)
             hosts = [getattr(p, "host", host_ip) for p in executor.procs]
             transports = executor.collective_rpc("tp_transport")
-        print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports}))
+            pp_transports = executor.collective_rpc("pp_transport")
+        print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports, "pp_transports": pp_transports}))
         sys.exit(0)
     try:
         for i in range(1, 1_000_000):

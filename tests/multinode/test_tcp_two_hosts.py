@@ -82,6 +82,7 @@ def test_tp2_x_pp2_over_four_nodes_on_two_hosts(hosts, llama_gqa, reference):
         assert got["tokens"] == reference
         assert got["hosts"] == [a.ip, b.ip, EXTRA_IPS[0], EXTRA_IPS[1]]
         assert got["transports"] == ["tcp"] * 4
+        assert got["pp_transports"] == ["tcp"] * 4            # every stage's neighbour is on another node
         for node in nodes:
             assert node.wait(timeout=30) == 0
     finally:
