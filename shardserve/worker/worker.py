@@ -129,6 +129,13 @@ class Worker:
             return "tcp+shm" if tp.net.team is not None else "tcp"
         return tp.group and torch.distributed.get_backend(tp.group) or "none"
 
+    def pp_transport(self) -> str:
+        """How this rank's PP hand-offs travel: "none" (pp=1), "tcp" (TCP links) or the torch backend."""
+        pp = self.ctx.pp
+        if pp.size == 1:
+            return "none"
+        return "tcp" if pp.links else torch.distributed.get_backend(pp.group)
+
     def memory_stats(self) -> dict:
         """This rank's weight bytes (prepacked copies and the LM head's bf16 screen included) and peak resident
         memory so far."""
