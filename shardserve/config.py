@@ -121,6 +121,11 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
+    def output_rank(self) -> int:
+        """The rank that returns each step's sampled tokens: the last stage's tp_rank 0."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
+    @property
     def backend(self) -> str:
         return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
 

@@ -2,7 +2,8 @@
 
 Every connection first passes the secure_channel handshake on the launch secret, then says what it is:
 ("store",) -> a torch.distributed store client (SecureStore, the ranks' rendezvous instead of an open
-TCPStore); ("agent", node_rank, host_ip, pid) -> a headless node, handed to the executor via `agents`.
+TCPStore); ("agent", node_rank, host_ip, pid) -> a headless node, handed to the executor via `agents`;
+("replies", rank) -> a rank on another node that answers the driver directly, handed over via `ranks`.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class ControlServer:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.store = _StoreState()
         self.agents: queue.Queue[tuple[Channel, tuple]] = queue.Queue()
+        self.ranks: queue.Queue[tuple[Channel, int]] = queue.Queue()     # ranks answering the driver directly
         self.rejected = 0                   # connections refused for a wrong secret (named in join errors)
         self.closed = False
         self.channels: list[Channel] = []
@@ -95,7 +97,6 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             channel = accept_handshake(conn, self.secret)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = channel.recv()
         except AuthError:
             self.rejected += 1
@@ -109,6 +110,8 @@ class ControlServer:
             self._serve_store(channel)
         elif isinstance(hello, tuple) and hello and hello[0] == "agent":
             self.agents.put((channel, hello[1:]))
+        elif isinstance(hello, tuple) and len(hello) == 2 and hello[0] == "replies":
+            self.ranks.put((channel, hello[1]))
         else:
             channel.close()
 

@@ -60,16 +60,18 @@ class Channel:
         with self.send_lock:
             header = _U64.pack(len(payload))
             mac = _mac(self.key, self.out_label, _U64.pack(self.send_seq), header, payload)
-            self.sock.sendall(header + mac)
-            self.sock.sendall(payload)
+            # one segment for a small frame: with TCP_NODELAY a second write would be a second packet
+            frame = [header + mac + payload] if len(payload) < 65536 else [header + mac, payload]
+            for part in frame:
+                self.sock.sendall(part)
             self.send_seq += 1
 
     def recv_bytes(self) -> bytes:
-        header = _recv_exact(self.sock, _U64.size)
+        head = _recv_exact(self.sock, _U64.size + MAC_BYTES)
+        header, mac = head[:_U64.size], head[_U64.size:]
         (length,) = _U64.unpack(header)
         if length > MAX_FRAME_BYTES:
             raise AuthError(f"frame of {length} bytes refused")
-        mac = _recv_exact(self.sock, MAC_BYTES)
         payload = _recv_exact(self.sock, length)
         expected = _mac(self.key, self.in_label, _U64.pack(self.recv_seq), header, payload)
         if not hmac.compare_digest(mac, expected):
@@ -98,7 +100,8 @@ class Channel:
 
 
 def accept_handshake(sock: socket.socket, secret: bytes) -> Channel:
-    """Listener side of the handshake on an accepted socket; AuthError when the connector lacks the secret."""
+    """Listener side of the handshake on an accepted socket; AuthError when the connector lacks the secret.
+    Returns a Channel with TCP_NODELAY set."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
     mine = os.urandom(NONCE_BYTES)
     sock.sendall(MAGIC + mine)
@@ -108,6 +111,7 @@ def accept_handshake(sock: socket.socket, secret: bytes) -> Channel:
         raise AuthError("a connection without the launch secret was refused")
     sock.sendall(_mac(secret, b"listener", mine, theirs))
     sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Channel(sock, _mac(secret, b"session", mine, theirs), is_listener=True)
 
 

@@ -67,7 +67,7 @@ class ExternalLauncherExecutor(Executor):
                 f"{par.world_size}; launch exactly that many ranks (torchrun --nproc-per-node / mpirun -np) "
                 "or change the sizes")
         local_world = env.launcher_local_world_size() or self.world_size
-        self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
+        self.output_rank = par.output_rank
         self.group: dist.ProcessGroup | None = None      # Gloo over the whole world: step outputs, block count
         self.store: dist.TCPStore | None = None
         addr, port, launch_id = "127.0.0.1", 0, ""

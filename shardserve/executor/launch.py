@@ -6,8 +6,11 @@ rank handles and reply connections in rank order, and `stop` releases everything
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import queue
+import time
 import uuid
 from typing import Callable
 
@@ -63,10 +66,11 @@ class Launch:
         self.procs.extend(self.local.procs)
         self.conns.extend(self.local.conns)
 
-    def join_nodes(self, config, nodes: set[int], plan: NodePlan, heartbeat_timeout: float,
-                   timeout_s: float) -> None:
+    def join_nodes(self, config, nodes: set[int], plan: NodePlan, heartbeat_timeout: float, timeout_s: float,
+                   output_rank: int) -> None:
         """Wait for every other node's agent, check their addresses, start their ranks and link them in
-        (in node order: ranks are numbered node by node)."""
+        (in node order: ranks are numbered node by node). The output rank, if it is on another node, answers
+        on its own connection to the control port (its replies skip the agent's relay)."""
         joined = wait_for_agents(self.server, nodes, timeout_s)
         owner = {self.host: 0}
         for node in sorted(joined):
@@ -79,6 +83,7 @@ class Launch:
         for node in sorted(joined):
             channel, (_, node_host, agent_pid) = joined[node]
             inits, node_env = plan(node, node_host)
+            inits = [dataclasses.replace(d, reply_to_driver=d.rank == output_rank) for d in inits]
             channel.send(("start", config, inits, node_env, self.launch_id))
             channel.settimeout(timeout_s)
             reply = channel.recv()
@@ -88,7 +93,26 @@ class Launch:
             self.links.append(link)
             self.procs.extend(link.handles)
             self.conns.extend(link.reply_conns)
+        if output_rank >= len(self.local.procs if self.local else []):
+            self.conns[output_rank] = self._direct_replies(output_rank, timeout_s)
 
+    def _direct_replies(self, rank: int, timeout_s: float):
+        """The connection on which remote `rank` answers, once its worker has opened it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                channel, who = self.server.ranks.get(timeout=0.2)
+            except queue.Empty:
+                proc = self.procs[rank]
+                if not proc.is_alive():
+                    raise WorkerError(proc.describe_death()) from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"rank {rank} on {proc.host} did not connect to the driver's control port "
+                                      f"{self.host}:{self.port} within {timeout_s:.0f} s") from None
+                continue
+            if who == rank:
+                return channel
+            channel.close()
     def send(self, payload: bytes, alive) -> None:
         """One command to every rank: once per remote node, once into this node's ring."""
         for link in self.links:
@@ -101,8 +125,11 @@ class Launch:
         return [] if self.local is None else [self.local.ranks[i] for i in self.local.frozen(timeout_s)]
 
     def unlink_ring(self) -> None:
+        """Every rank has mapped its node's command ring (they all answered): drop the rings' /dev/shm names."""
         if self.local is not None:
             self.local.unlink_ring()
+        for link in self.links:
+            link.unlink_ring()
 
     def stop(self, graceful: bool) -> None:
         """Ask every rank to finish (graceful) or kill them, drop the links, close the control port; safe twice."""
@@ -148,7 +175,7 @@ def mp_launch(config) -> Launch:
         launch.start_local(config, plan(0, host)[0], child_env, multinode)
         if multinode:
             launch.join_nodes(config, set(range(1, par.nnodes)), plan, env.heartbeat_timeout(),
-                              par.distributed_timeout_seconds)
+                              par.distributed_timeout_seconds, par.output_rank)
     except BaseException:
         launch.stop(graceful=False)
         raise

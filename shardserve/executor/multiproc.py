@@ -25,6 +25,7 @@ from shardserve.executor.node_link import RemoteRank
 
 STARTUP_TIMEOUT_S = 600.0
 LIVENESS_POLL_S = 1.0           # how often a waiting driver checks its local workers' liveness beats
+REMOTE_DEATH_REPORT_S = 3.0     # how long a lost direct connection waits for the agent's word on the rank
 
 
 class MultiprocExecutor(Executor):
@@ -34,7 +35,7 @@ class MultiprocExecutor(Executor):
         super().__init__(config)
         par = config.parallel
         self.world_size = par.world_size
-        self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size   # last stage, tp 0
+        self.output_rank = par.output_rank
         self.expected = [0] * self.world_size           # replies each rank still owes us
         self.heartbeat_timeout = env.heartbeat_timeout()
         self.launch = launch() if launch is not None else mp_launch(config)
@@ -102,6 +103,8 @@ class MultiprocExecutor(Executor):
     def _death_error(self, rank: int) -> WorkerError:
         proc = self.procs[rank]
         if isinstance(proc, RemoteRank):
+            # a rank answering on its own connection: its node's agent tells how it ended, a moment later
+            wait([proc.sentinel], REMOTE_DEATH_REPORT_S)
             return WorkerError(proc.describe_death())
         cause = death_cause(proc)
         if proc.exitcode == MAIN_REIMPORTED_EXIT:

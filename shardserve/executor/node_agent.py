@@ -79,7 +79,6 @@ class _Agent:
             channel.send(("error", f"node at {host} could not start its workers: {exc}"))
             raise
         self.ranks = self.workers.ranks
-        self.replied: set[int] = set()
         self.done = threading.Event()
         channel.send(("started", [p.pid for p in self.workers.procs]))
 
@@ -99,6 +98,8 @@ class _Agent:
                         self.workers.write(msg[1])
                     except BrokenPipeError:
                         pass            # the reply forwarder reports the dead worker
+                elif msg[0] == "unlink":
+                    self.workers.unlink_ring()
                 elif msg[0] == "bye":
                     status, why = 0, "node 0 ended the launch"
                     break
@@ -135,9 +136,6 @@ class _Agent:
                 try:
                     if conns[i] in ready:
                         self.channel.send(("reply", rank, conns[i].recv_bytes()))
-                        self.replied.add(rank)
-                        if len(self.replied) == len(procs):
-                            self.workers.unlink_ring()
                     elif procs[i].sentinel in ready:
                         live.discard(i)
                         self.channel.send(("dead", rank, death_cause(procs[i])))

@@ -1,7 +1,8 @@
 """The driver's end of one headless node: commands out, replies into per-rank pipes, heartbeats both ways.
 
 Messages on the authenticated channel, driver -> node: ("start", config, dist_inits, env, launch_id),
-("cmd", pickled command), ("hb",), ("bye",) after a graceful shutdown command, ("kill",).
+("cmd", pickled command), ("unlink",) once every rank has mapped the node's command ring, ("hb",), ("bye",)
+after a graceful shutdown command, ("kill",).
 Node -> driver: ("started", pids) or ("error", text), ("reply", rank, pickled reply), ("dead", rank, cause),
 ("hb",). A node silent for `heartbeat_timeout` seconds is lost: each of its ranks reads as dead with that cause.
 """
@@ -43,7 +44,8 @@ class RemoteRank:
             self._dead_w.send_bytes(b"dead")
 
     def describe_death(self) -> str:
-        return f"worker rank {self.rank} on node {self.node} ({self.host}, pid {self.pid}) {self.cause}"
+        cause = self.cause or "closed its connection to the driver"
+        return f"worker rank {self.rank} on node {self.node} ({self.host}, pid {self.pid}) {cause}"
 
 
 class NodeLink:
@@ -57,13 +59,23 @@ class NodeLink:
         self.reply_conns = [r for r, _ in pipes]          # the executor reads replies here, one per rank
         self._reply_w = {rank: w for rank, (_, w) in zip(ranks, pipes)}
         self.closed = threading.Event()
+        self.ring_unlinked = False
         threading.Thread(target=self._receive, daemon=True, name=f"shardserve-node{node}-rx").start()
         threading.Thread(target=send_heartbeats, args=(channel, self.closed), daemon=True,
                          name=f"shardserve-node{node}-hb").start()
 
     def send_command(self, payload: bytes) -> None:
+        self.send("cmd", payload)
+
+    def unlink_ring(self) -> None:
+        """Once: every rank of the node has mapped its command ring, so the agent may drop its name."""
+        if not self.ring_unlinked:
+            self.ring_unlinked = True
+            self.send("unlink")
+
+    def send(self, *msg) -> None:
         try:
-            self.channel.send(("cmd", payload))
+            self.channel.send(msg)
         except OSError as exc:
             self._lost(f"could not be sent a command ({exc})")
 

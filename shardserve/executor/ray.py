@@ -61,7 +61,8 @@ def ray_launch(config, placement: RayPlacement) -> Launch:
             # the agents give up connecting after `timeout` and say why: wait a little longer for their answer
             placement.get(starts, "joining the driver", timeout + 5,
                           labels=[f"node {node.ip}" for node in nodes[1:]])
-            launch.join_nodes(config, set(range(1, len(nodes))), plan, env.heartbeat_timeout(), timeout)
+            launch.join_nodes(config, set(range(1, len(nodes))), plan, env.heartbeat_timeout(), timeout,
+                              par.output_rank)
     except BaseException:
         launch.stop(graceful=False)
         raise

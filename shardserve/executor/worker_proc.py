@@ -56,6 +56,10 @@ def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str
     from shardserve.worker.worker import Worker          # after the environment is in place
 
     commands = BroadcastReader(queue_handle)
+    if dist_init.reply_to_driver:
+        from shardserve.distributed.secure_channel import connect
+        conn = connect(dist_init.master_addr, dist_init.master_port, dist_init.secret, dist_init.timeout_s)
+        conn.send(("replies", dist_init.rank))
     worker = Worker(config, dist_init)
     while True:
         method, args = pickle.loads(commands.read())

@@ -34,6 +34,8 @@ class DistInit:
     timeout_s: float = 300.0
     host_id: str = ""                 # node identity for shared-memory TP (Ray: the advertised host IP)
     secret: bytes = b""               # launch secret for the driver's authenticated store; empty: plain TCPStore
+    reply_to_driver: bool = False     # answer on its own connection to the driver's control port, not via its
+    #                                   node's agent (the output rank on another node: one relay less per step)
 
 
 class Worker:

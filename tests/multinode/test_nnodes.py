@@ -184,6 +184,7 @@ def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, tra
         assert got["hosts"] == [a.ip] * half + [b.ip] * half     # the first ranks on host A, the others on B
         assert got["transports"] == [transport] * (tp * pp)
         assert got["pp_transports"] == [pp_transport] * (tp * pp)
+        assert got["direct_replies"] == (pp == 2)        # the output rank is on host B: it answers node 0 directly
         assert node1.wait(timeout=30) == 0
     finally:
         if node1.poll() is None:
@@ -226,6 +227,7 @@ def test_cut_link_is_reported_within_the_heartbeat_timeout(hosts, llama_gqa):
 if __name__ == "__main__":      # node 0's driver, run inside namespace A
     model, tp, pp, host_ip, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     from shardserve import LLM
+    from shardserve.distributed.secure_channel import Channel
     from shardserve.executor.base import WorkerError
     llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, nnodes=int(os.environ.get("TEST_NNODES", 2)),
               master_addr=host_ip, master_port=MASTER_PORT,
@@ -238,7 +240,9 @@ if __name__ == "__main__":      # node 0's driver, run inside namespace A
             hosts = [getattr(p, "host", host_ip) for p in executor.procs]
             transports = executor.collective_rpc("tp_transport")
             pp_transports = executor.collective_rpc("pp_transport")
-        print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports, "pp_transports": pp_transports}))
+            direct = isinstance(executor.conns[executor.output_rank], Channel)    # its own connection to us
+        print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports, "pp_transports": pp_transports,
+                          "direct_replies": direct}))
         sys.exit(0)
     try:
         for i in range(1, 1_000_000):
