@@ -2,7 +2,8 @@
 
 Run as `python -m shardserve.executor.ray_agent_process`: it reads its orders (one pickled tuple, with the launch
 secret) from stdin, joins the driver's control port, prints "joined" (or the error) on stdout, then serves its
-node's ranks exactly as `serve --headless` does. It dies with the actor that started it.
+node's ranks exactly as `serve --headless` does. It dies with the actor that started it. Ray starts its worker
+processes at nice 15; the agent puts itself, and so the ranks it spawns, back at nice 0 (normal_priority).
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pickle
 import sys
 
 from shardserve.executor.node_agent import join, serve
+from shardserve.executor.ray_placement import normal_priority
 from shardserve.executor.worker_proc import die_with_parent
 
 
 def main() -> int:
     die_with_parent()
+    normal_priority()
     master_addr, master_port, secret, node_rank, host, timeout_s = pickle.load(sys.stdin.buffer)
     try:
         channel, host = join(master_addr, master_port, secret, node_rank, host, timeout_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from shardserve.distributed import env
@@ -26,6 +27,20 @@ def advertised_ip() -> str:
     """This node's address: SHARDSERVE_HOST_IP when set, else the node IP Ray sees."""
     import ray
     return env._get("SHARDSERVE_HOST_IP") or ray.util.get_node_ip_address()
+
+
+def normal_priority() -> None:
+    """Ray starts its worker processes at nice 15 (its worker_niceness): put this process, and the children it
+    starts later, back at nice 0. That needs CAP_SYS_NICE or a high enough RLIMIT_NICE; without them the ranks
+    keep Ray's nice 15, and a warning says how to avoid it."""
+    if os.getpriority(os.PRIO_PROCESS, 0) <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        print(f"shardserve: this node's ranks run at nice {os.getpriority(os.PRIO_PROCESS, 0)}, as Ray started "
+              "them (any busy process on the node preempts them); start Ray with RAY_worker_niceness=0 in the "
+              "environment of `ray start` to run them at normal priority", file=sys.stderr, flush=True)
 
 
 def import_ray():
@@ -51,6 +66,7 @@ class RankActor:
 
     def setup(self, config, dist_init: DistInit, env_vars: dict[str, str]) -> None:
         os.environ.update(env_vars)
+        normal_priority()
         ifname = interface_for_ip(dist_init.host_id)      # looked up here, on the actor's own node
         if ifname and "GLOO_SOCKET_IFNAME" not in env_vars:
             os.environ["GLOO_SOCKET_IFNAME"] = ifname

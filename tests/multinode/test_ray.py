@@ -97,6 +97,7 @@ def test_two_hosts_match_single_process(ray_cluster, llama_gqa, reference, tp, p
     per_host = tp * pp // 2
     assert sorted(got["node_ips"]) == sorted([a.ip] * per_host + [b.ip] * per_host), got
     assert got["far_ranks"] == per_host and got["agents"] == 1, got      # one agent process runs host B's ranks
+    assert got["nice"] == [0] * (tp * pp), got                           # not Ray's nice 15
 
 
 @pytest.mark.timeout(300)
@@ -242,6 +243,7 @@ def _driver_main(model: str, tp: int, pp: int, mode: str, timeout_s: float) -> d
         out["far_ranks"] = sum(hasattr(p, "host") for p in executor.procs)          # RemoteRank: another node's
         out["agents"] = len(executor.launch.links)
         out["pids"] = [*executor.pids, *(link.agent_pid for link in executor.launch.links), *executor.placement.pids]
+        out["nice"] = [os.getpriority(os.PRIO_PROCESS, pid) for pid in executor.pids]      # Ray's workers: 15
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
         out["seconds"] = time.perf_counter() - start
