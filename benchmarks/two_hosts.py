@@ -256,6 +256,31 @@ def run_driver(host, model: str, backend: str, tp: int, pp: int, env: dict[str, 
     return json.loads(finish(proc, f"{backend} driver tp={tp} pp={pp}").strip().splitlines()[-1])
 
 
+def run_side(a, b, model: str, side: str, tp: int, pp: int) -> dict:
+    """One driver run of a column of the table: "one" (one host, mp), an nnodes or a Ray backend."""
+    if side == "one":
+        return run_driver(a, model, "mp", tp, pp, child_env(None))
+    if side.startswith("nnodes"):
+        return run_nnodes(a, b, model, tp, pp, "gloo" if side == "nnodes-gloo" else "auto")
+    env = {**child_env(a.ip), "RAY_ADDRESS": f"{a.ip}:{RAY_PORT}",
+           "SHARDSERVE_RAY_COMPILED_DAG": "1" if side == "ray-cgraph" else "0"}
+    return run_driver(a, model, side, tp, pp, env)
+
+
+def merge(into: dict, run: dict) -> None:
+    """Pool a run into a column's results: timings concatenated, CPU use summed over runs (divided in report)."""
+    if into and into["tokens"] != run["tokens"]:
+        into["tokens_differ"] = True
+    for key in ("tok_s", "step_ms"):
+        into.setdefault(key, []).extend(run[key])
+    cores = into.setdefault("cores_sum", {})
+    for kind, v in run["cores"].items():
+        cores[kind] = cores.get(kind, 0.0) + v
+    into["runs"] = into.get("runs", 0) + 1
+    into.setdefault("tokens", run["tokens"])
+    into["hosts"], into["sampled"] = run["hosts"], run["sampled"] or into.get("sampled")
+
+
 def run_nnodes(a, b, model: str, tp: int, pp: int, transport: str = "auto") -> dict:
     argv = [sys.executable, "-m", "shardserve.entrypoints.cli", "serve", "--headless", "--nnodes", "2",
             "--node-rank", "1", "--master-addr", a.ip, "--master-port", str(MASTER_PORT),
@@ -329,7 +354,9 @@ def main() -> None:
                          "same over Gloo: SHARDSERVE_TP_TRANSPORT=gloo), ray (Ray places, the engine drives), "
                          "ray-cgraph (Ray compiled graphs: SHARDSERVE_RAY_COMPILED_DAG=1); the Ray ones are skipped "
                          "if Ray is not installed")
-    ap.add_argument("--repeats", type=int, default=5, help="timed generate calls per run (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed generate calls per run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of every column, interleaved (the median over all their timed calls is reported)")
     ap.add_argument("--probe-iters", type=int, default=400)
     ap.add_argument("--sample-seconds", type=float, default=6.0,
                     help="py-spy sampling of every rank after the timed runs (0: skip; skipped without py-spy)")
@@ -359,15 +386,19 @@ def main() -> None:
             cfg = json.load(f)
         with netns.two_hosts() as (a, b):
             NAMESPACES = f"{a.ns},{b.ns}"
+            if any(x.startswith("ray") for x in backends):   # first: its daemons then weigh on every run alike
+                ray_dirs = start_ray(a, b, tag)
+            for round_ in range(args.rounds):                # interleaved, so load that drifts weighs on all
+                for name in layouts:
+                    tp, pp = LAYOUTS[name]
+                    for side in ("one", *backends):
+                        got = run_side(a, b, model, side, tp, pp)
+                        merge(results[name].setdefault(side, {}), got)
+                        print(f"round {round_ + 1} {name} {side}: {statistics.median(got['tok_s']):.1f} tok/s "
+                              f"ranks on {got['hosts']}", flush=True)
             for name in layouts:
                 tp, pp = LAYOUTS[name]
                 res = results[name]
-                res["one"] = run_driver(a, model, "mp", tp, pp, child_env(None))
-                print(f"{name} one host (mp): {statistics.median(res['one']['tok_s']):.1f} tok/s", flush=True)
-                for backend in (x for x in backends if x.startswith("nnodes")):
-                    res[backend] = run_nnodes(a, b, model, tp, pp, "gloo" if backend == "nnodes-gloo" else "auto")
-                    print(f"{name} two hosts ({backend}): {statistics.median(res[backend]['tok_s']):.1f} tok/s "
-                          f"ranks on {res[backend]['hosts']}", flush=True)
                 shapes = comm_shapes(cfg, tp, pp)
                 keys = sorted({k for phase in shapes.values() for k, _ in phase})
                 res["shapes"] = shapes
@@ -377,17 +408,6 @@ def main() -> None:
                 res["probe_two"] = run_probe(a, b, a.ip, tp, pp, keys, args.probe_iters, same_host=False)
                 print(f"{name} probe, mean µs: one host {res['probe_one']}, two hosts over Gloo {res['probe_gloo']}, "
                       f"two hosts {res['probe_two']}", flush=True)
-            ray_backends = [b for b in backends if b.startswith("ray")]
-            if ray_backends:        # last: Ray's daemons would otherwise share the cores with the other runs
-                ray_dirs = start_ray(a, b, tag)
-                for name in layouts:
-                    tp, pp = LAYOUTS[name]
-                    for backend in ray_backends:
-                        env = {**child_env(a.ip), "RAY_ADDRESS": f"{a.ip}:{RAY_PORT}",
-                               "SHARDSERVE_RAY_COMPILED_DAG": "1" if backend == "ray-cgraph" else "0"}
-                        res = results[name][backend] = run_driver(a, model, backend, tp, pp, env)
-                        print(f"{name} two hosts ({backend}): {statistics.median(res['tok_s']):.1f} tok/s "
-                              f"ranks on {res['hosts']}", flush=True)
     finally:                      # two_hosts() has killed every process in both namespaces and deleted them
         shutil.rmtree(tmp, ignore_errors=True)
         if ray_dirs:
@@ -405,7 +425,9 @@ def report(results: dict[str, dict], backends: list[str]) -> None:
              "ray": "two hosts, Ray", "ray-cgraph": "two hosts, Ray compiled graph"}
     med = statistics.median
     print(f"\n{NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {OUTPUT_LEN} output tokens, greedy, one thread per rank; "
-          f"median of {ARGS.repeats} timed generate calls; ms/step = wall time / engine steps")
+          f"{ARGS.rounds} interleaved runs of each column (Ray's daemons up throughout when a Ray column is asked "
+          f"for), median of their {ARGS.rounds * ARGS.repeats} timed generate calls; ms/step = wall time / engine "
+          "steps")
     print("| layout | " + " | ".join(f"{label[s]} tok/s (ms/step)" for s in sides) +
           " | collectives per decode step, probe: one host -> two hosts over Gloo -> two hosts (their transport) |")
     print("|---|" + "---:|" * len(sides) + "---|")
@@ -416,7 +438,7 @@ def report(results: dict[str, dict], backends: list[str]) -> None:
             t = med(res[side]["tok_s"])
             ratio = "" if side == "one" else f", {t / one:.2f}x"
             row += f" {t:.0f} ({med(res[side]['step_ms']):.2f} ms{ratio}) |"
-            if res[side]["tokens"] != res["one"]["tokens"]:
+            if res[side]["tokens"] != res["one"]["tokens"] or res[side].get("tokens_differ"):
                 row = row[:-1] + "TOKENS DIFFER |"
         probes = ("probe_one", "probe_gloo", "probe_two")
         totals = [sum(res[s][k] * n for k, n in res["shapes"]["decode"]) / 1e3 for s in probes]
@@ -438,8 +460,9 @@ def report(results: dict[str, dict], backends: list[str]) -> None:
     print(f"\nCPU use over the timed runs, in cores (CPU seconds / wall seconds; {os.cpu_count()} cores):")
     for name, res in results.items():
         for side in sides:
-            cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(res[side]["cores"].items()))
-            print(f"  {name} {label[side]}: total {sum(res[side]['cores'].values()):.2f} = {cores}")
+            mean = {k: v / res[side]["runs"] for k, v in res[side]["cores_sum"].items()}
+            cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(mean.items()))
+            print(f"  {name} {label[side]}: total {sum(mean.values()):.2f} = {cores}")
     print("\ncollectives per prefill step, probe (ms, one host -> two hosts over Gloo -> two hosts):")
     for name, res in results.items():
         totals = (sum(res[s][k] * n for k, n in res["shapes"]["prefill"]) / 1e3

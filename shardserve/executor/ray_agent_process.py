@@ -7,6 +7,7 @@ processes at nice 15; the agent puts itself, and so the ranks it spawns, back at
 """
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
@@ -25,6 +26,7 @@ def main() -> int:
         print(f"error {exc}", flush=True)
         return 1
     print("joined", flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())    # nobody reads the pipe now: output goes to Ray's log
     return serve(channel, host, master_addr, master_port, timeout_s)
 
 
