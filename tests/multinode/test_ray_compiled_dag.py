@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -13,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts as netns  # noqa: E402
 import test_ray  # noqa: E402  (its prompts, driver environment and `ray start` helper)
 from test_ray import LLM_KW, MAX_TOKENS, PROMPTS, RAY_PORT, generate  # noqa: E402
+from test_ray import ray_cluster  # noqa: E402,F401  (the same two-host cluster, one per module)
 
 ray = pytest.importorskip("ray", reason="the Ray executor tests need `pip install shardserve[ray]`")
 DRIVER_TIMEOUT_S = 240
@@ -81,24 +81,7 @@ def test_local_killed_last_stage_is_a_worker_error(compiled_dag, llama_gqa):
     assert not _alive(pids, 20)
 
 
-# ---- two network-namespace hosts -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A Ray head in namespace A and a worker node in B, 2 CPUs each (tp=2 x pp=2 needs 4); killed by namespace."""
-    reason = netns.available()
-    if reason:
-        pytest.skip(f"two-host Ray test: {reason}")
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    common = ["--num-cpus", "2", "--object-store-memory", "200000000", "--disable-usage-stats"]
-    tag = uuid.uuid4().hex[:6]
-    with netns.two_hosts() as (a, b):
-        test_ray._start(a, [ray_bin, "start", "--head", "--node-ip-address", a.ip, "--port", str(RAY_PORT),
-                            "--include-dashboard", "false", "--temp-dir", f"/tmp/rA{tag}", *common])
-        test_ray._start(b, [ray_bin, "start", "--address", f"{a.ip}:{RAY_PORT}", "--node-ip-address", b.ip,
-                            "--temp-dir", f"/tmp/rB{tag}", *common])
-        yield a, b
-
-
+# ---- two network-namespace hosts (test_ray's cluster fixture) ---------------------------------------------
 def run_driver(host: netns.Host, model: str, tp: int, pp: int, kill_rank: int = -1) -> dict:
     env = {**test_ray._env(host), "RAY_ADDRESS": f"{host.ip}:{RAY_PORT}", "SHARDSERVE_RAY_COMPILED_DAG": "1"}
     argv = [sys.executable, os.path.abspath(__file__), model, str(tp), str(pp), str(kill_rank)]
