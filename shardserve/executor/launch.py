@@ -70,7 +70,8 @@ class Launch:
                    output_rank: int) -> None:
         """Wait for every other node's agent, check their addresses, start their ranks and link them in
         (in node order: ranks are numbered node by node). The output rank, if it is on another node, answers
-        on its own connection to the control port (its replies skip the agent's relay)."""
+        on its own connection to the control port (its replies skip the agent's relay); the one rank of a node
+        holding a single rank also takes its commands there (no relay at all)."""
         joined = wait_for_agents(self.server, nodes, timeout_s)
         owner = {self.host: 0}
         for node in sorted(joined):
@@ -80,10 +81,13 @@ class Launch:
                          "SHARDSERVE_HOST_IP on each node to its own reachable address")
                 channel.send(("reject", error))
                 raise ValueError(error)
+        direct: dict[int, NodeLink] = {}      # remote ranks on their own connection -> their node's link
         for node in sorted(joined):
             channel, (_, node_host, agent_pid) = joined[node]
             inits, node_env = plan(node, node_host)
-            inits = [dataclasses.replace(d, reply_to_driver=d.rank == output_rank) for d in inits]
+            alone = len(inits) == 1
+            inits = [dataclasses.replace(d, reply_to_driver=d.rank == output_rank or alone, commands_from_driver=alone)
+                     for d in inits]
             channel.send(("start", config, inits, node_env, self.launch_id))
             channel.settimeout(timeout_s)
             reply = channel.recv()
@@ -93,28 +97,37 @@ class Launch:
             self.links.append(link)
             self.procs.extend(link.handles)
             self.conns.extend(link.reply_conns)
-        if output_rank >= len(self.local.procs if self.local else []):
-            self.conns[output_rank] = self._direct_replies(output_rank, timeout_s)
+            direct.update((d.rank, link) for d in inits if d.reply_to_driver)
+        for rank, channel in self._direct_channels(set(direct), timeout_s).items():
+            self.conns[rank] = channel
+            if len(direct[rank].by_rank) == 1:
+                direct[rank].direct = channel
 
-    def _direct_replies(self, rank: int, timeout_s: float):
-        """The connection on which remote `rank` answers, once its worker has opened it."""
+    def _direct_channels(self, ranks: set[int], timeout_s: float) -> dict:
+        """rank -> the connection on which that remote rank answers, once its worker has opened it."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        got: dict = {}
+        while set(got) != ranks:
             try:
-                channel, who = self.server.ranks.get(timeout=0.2)
+                channel, rank = self.server.ranks.get(timeout=0.2)
             except queue.Empty:
-                proc = self.procs[rank]
-                if not proc.is_alive():
-                    raise WorkerError(proc.describe_death()) from None
-                if time.monotonic() > deadline:
-                    raise WorkerError(f"rank {rank} on {proc.host} did not connect to the driver's control port "
-                                      f"{self.host}:{self.port} within {timeout_s:.0f} s") from None
+                for rank in sorted(ranks - set(got)):
+                    proc = self.procs[rank]
+                    if not proc.is_alive():
+                        raise WorkerError(proc.describe_death()) from None
+                    if time.monotonic() > deadline:
+                        raise WorkerError(f"rank {rank} on {proc.host} did not connect to the driver's control port "
+                                          f"{self.host}:{self.port} within {timeout_s:.0f} s") from None
                 continue
-            if who == rank:
-                return channel
-            channel.close()
+            if rank in ranks and rank not in got:
+                got[rank] = channel
+            else:
+                channel.close()
+        return got
+
     def send(self, payload: bytes, alive) -> None:
-        """One command to every rank: once per remote node, once into this node's ring."""
+        """One command to every rank: once per remote node (to its agent, or to its one rank's own connection),
+        once into this node's ring."""
         for link in self.links:
             link.send_command(payload)
         if self.local is not None:

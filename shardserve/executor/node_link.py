@@ -60,12 +60,19 @@ class NodeLink:
         self._reply_w = {rank: w for rank, (_, w) in zip(ranks, pipes)}
         self.closed = threading.Event()
         self.ring_unlinked = False
+        self.direct = None          # the node's one rank's own connection, when it takes its commands there
         threading.Thread(target=self._receive, daemon=True, name=f"shardserve-node{node}-rx").start()
         threading.Thread(target=send_heartbeats, args=(channel, self.closed), daemon=True,
                          name=f"shardserve-node{node}-hb").start()
 
     def send_command(self, payload: bytes) -> None:
-        self.send("cmd", payload)
+        if self.direct is None:
+            self.send("cmd", payload)
+            return
+        try:
+            self.direct.send_bytes(payload)
+        except OSError:
+            pass            # the rank is gone: its agent's report, or its connection's end, tells the executor
 
     def unlink_ring(self) -> None:
         """Once: every rank of the node has mapped its command ring, so the agent may drop its name."""

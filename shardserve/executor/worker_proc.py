@@ -46,7 +46,8 @@ def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str
                 index: int = 0) -> None:
     """Runs in the spawned process. Commands arrive on the shared-memory broadcast queue, each
     pickle((method, args)); replies go back on `conn`: ("ok", result) or ("error", traceback text).
-    execute_model answers only where it returns something (the output rank)."""
+    execute_model answers only where it returns something (the output rank). A rank on another node than the
+    driver's may instead answer, and take its commands, on its own authenticated connection to the driver."""
     os.environ.update(env)
     die_with_parent()
     if beats is not None:
@@ -55,14 +56,16 @@ def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str
     from shardserve.executor.shm_queue import BroadcastReader
     from shardserve.worker.worker import Worker          # after the environment is in place
 
-    commands = BroadcastReader(queue_handle)
-    if dist_init.reply_to_driver:
+    if dist_init.reply_to_driver or dist_init.commands_from_driver:
         from shardserve.distributed.secure_channel import connect
         conn = connect(dist_init.master_addr, dist_init.master_port, dist_init.secret, dist_init.timeout_s)
         conn.send(("replies", dist_init.rank))
+    # a verified frame from the driver, or the node's ring
+    commands = conn if dist_init.commands_from_driver else BroadcastReader(queue_handle)
+    receive = commands.recv_bytes if dist_init.commands_from_driver else commands.read
     worker = Worker(config, dist_init)
     while True:
-        method, args = pickle.loads(commands.read())
+        method, args = pickle.loads(receive())
         try:
             result = getattr(worker, method)(*args)
         except BaseException:

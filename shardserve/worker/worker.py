@@ -36,6 +36,8 @@ class DistInit:
     secret: bytes = b""               # launch secret for the driver's authenticated store; empty: plain TCPStore
     reply_to_driver: bool = False     # answer on its own connection to the driver's control port, not via its
     #                                   node's agent (the output rank on another node: one relay less per step)
+    commands_from_driver: bool = False  # also take commands on that connection, not from the node's ring (the
+    #                                     one rank of a node: no relay through the agent at all)
 
 
 class Worker:

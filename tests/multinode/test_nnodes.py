@@ -185,6 +185,7 @@ def test_two_hosts_match_single_process(hosts, llama_gqa, reference, tp, pp, tra
         assert got["transports"] == [transport] * (tp * pp)
         assert got["pp_transports"] == [pp_transport] * (tp * pp)
         assert got["direct_replies"] == (pp == 2)        # the output rank is on host B: it answers node 0 directly
+        assert got["direct_commands"] == [half == 1]      # host B's one rank takes its commands from node 0 directly
         assert node1.wait(timeout=30) == 0
     finally:
         if node1.poll() is None:
@@ -241,8 +242,9 @@ if __name__ == "__main__":      # node 0's driver, run inside namespace A
             transports = executor.collective_rpc("tp_transport")
             pp_transports = executor.collective_rpc("pp_transport")
             direct = isinstance(executor.conns[executor.output_rank], Channel)    # its own connection to us
+            commands = [link.direct is not None for link in executor.launch.links]
         print(json.dumps({"tokens": tokens, "hosts": hosts, "transports": transports, "pp_transports": pp_transports,
-                          "direct_replies": direct}))
+                          "direct_replies": direct, "direct_commands": commands}))
         sys.exit(0)
     try:
         for i in range(1, 1_000_000):
