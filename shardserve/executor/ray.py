@@ -39,7 +39,7 @@ class RayExecutor(MultiprocExecutor):
 
 
 def ray_launch(config, placement: RayPlacement) -> Launch:
-    """This node's ranks spawned here; every other placed node's ranks spawned by its agent actor."""
+    """This node's ranks spawned here; every other placed node's by its agent process (started by its first actor)."""
     par = config.parallel
     timeout = par.distributed_timeout_seconds
     launch = Launch(placement.driver_ip, env.base_port() or 0, os.urandom(32), "SHARDSERVE_HOST_IP/SHARDSERVE_PORT")
