@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from server_proc import serving
+from server_proc import REPO, serving
 from shardserve import LLM, SamplingParams
 
 API_KEY = "sk-test-123"
@@ -231,3 +235,17 @@ def test_tp2_pp2_server_equals_offline(llama_gqa, offline):
         assert c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text == expected
         streamed = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == expected
+
+
+@pytest.mark.timeout(120)
+def test_busy_port_fails_before_the_engine_starts(llama_gqa):
+    """A port already taken is named at once: the server takes its port before it starts the engine (so no rank is
+    spawned, and the engine's own ephemeral sockets can never take the port first)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-m", "shardserve.entrypoints.cli", "serve", llama_gqa, "--port",
+                               str(port), "-tp", "2"], capture_output=True, text=True, timeout=100, env=env)
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr[-3000:]
+    assert "KV cache" not in proc.stderr, proc.stderr[-3000:]         # the engine never started

@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -489,7 +490,19 @@ def run_server(ns: argparse.Namespace) -> int:
     args.model = ns.model_tag or args.model
     name = ns.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
                                     else "SmolLM2-135M-Instruct")
-    async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), max_waiting)
+    # The port is taken before the engine starts: a busy one fails at once, and the sockets the engine opens on
+    # ephemeral ports (rendezvous, Gloo, TCP links) cannot take it meanwhile.
+    try:
+        listener = socket.create_server((ns.host, ns.port), family=socket.AF_INET6 if ":" in ns.host else
+                                        socket.AF_INET)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {ns.host}:{ns.port} ({exc}); pass --port (and --host) for a free "
+                         "address") from None
+    try:
+        async_engine = AsyncEngine(lambda: LLMEngine.from_engine_args(args), max_waiting)
+    except BaseException:
+        listener.close()
+        raise
     app = create_app(async_engine, name, ns.api_key)
     # uvicorn's keep-alive timeout is an int in its signature but only ever handed to loop.call_later; its graceful
     # shutdown deadline only has to outlast the drain (cut requests end within a moment of it)
@@ -504,7 +517,7 @@ def run_server(ns: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         if async_engine.thread.is_alive() or not async_engine.stopping:
             async_engine.shutdown()
