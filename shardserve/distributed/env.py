@@ -14,8 +14,9 @@ ENV_VARS: dict[str, str] = {
     "SHARDSERVE_TP_TRANSPORT": "CPU tensor-parallel groups whose ranks span nodes: 'auto' (default: TCP collectives "
                                "between the nodes, shared memory inside each; needs the launch secret) or 'gloo' "
                                "(torch.distributed's Gloo for every collective of such a group)",
-    "SHARDSERVE_COLLECTIVES_PORT": "first TCP port of the collectives between nodes: a node's ranks listen on it and "
-                                   "the ports after it, one each; unset = a free port each",
+    "SHARDSERVE_COLLECTIVES_PORT": "first TCP port of the collectives between nodes and of the pipeline stages' "
+                                   "TCP links: a node's N ranks listen on it and the ports after it, up to base + "
+                                   "2N - 1; unset = a free port each",
     "SHARDSERVE_HEARTBEAT_TIMEOUT": "seconds without a heartbeat before a node (or the driver) is declared lost; "
                                     "default 10",
     "SHARDSERVE_CPU_KERNELS": "float32 on the CPU: 'native' (default: C kernels for decode attention, RMSNorm, "
@@ -121,12 +122,17 @@ def launch_secret() -> bytes | None:
     return value.encode()
 
 
+def _one_of(name: str, *allowed: str) -> str:
+    """`name`'s value, case-folded: one of `allowed`, the first being the default; a ValueError names them."""
+    value = (_get(name) or allowed[0]).lower()
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected {' or '.join(repr(a) for a in allowed)}")
+    return value
+
+
 def tp_transport() -> str:
     """SHARDSERVE_TP_TRANSPORT: "auto" (default) or "gloo"."""
-    value = (_get("SHARDSERVE_TP_TRANSPORT") or "auto").lower()
-    if value not in ("auto", "gloo"):
-        raise ValueError(f"SHARDSERVE_TP_TRANSPORT={value!r}: expected 'auto' or 'gloo'")
-    return value
+    return _one_of("SHARDSERVE_TP_TRANSPORT", "auto", "gloo")
 
 
 def collectives_port() -> int | None:
@@ -153,26 +159,17 @@ def heartbeat_timeout() -> float:
 
 def ray_compiled_dag() -> bool:
     """SHARDSERVE_RAY_COMPILED_DAG: "1" selects the Ray compiled-graph executor, "0" (default) the default one."""
-    value = _get("SHARDSERVE_RAY_COMPILED_DAG") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"SHARDSERVE_RAY_COMPILED_DAG={value!r}: expected '0' or '1'")
-    return value == "1"
+    return _one_of("SHARDSERVE_RAY_COMPILED_DAG", "0", "1") == "1"
 
 
 def cpu_kernels() -> str:
     """SHARDSERVE_CPU_KERNELS: "native" (default) or "torch"."""
-    value = (_get("SHARDSERVE_CPU_KERNELS") or "native").lower()
-    if value not in ("native", "torch"):
-        raise ValueError(f"SHARDSERVE_CPU_KERNELS={value!r}: expected 'native' or 'torch'")
-    return value
+    return _one_of("SHARDSERVE_CPU_KERNELS", "native", "torch")
 
 
 def cpu_bind() -> str:
     """SHARDSERVE_CPU_BIND: "auto" (default) or "off"."""
-    value = (_get("SHARDSERVE_CPU_BIND") or "auto").lower()
-    if value not in ("auto", "off"):
-        raise ValueError(f"SHARDSERVE_CPU_BIND={value!r}: expected 'auto' or 'off'")
-    return value
+    return _one_of("SHARDSERVE_CPU_BIND", "auto", "off")
 
 
 def threads_override() -> int | None:

@@ -43,7 +43,7 @@ class ParallelGroup:
     group: dist.ProcessGroup | None = None  # None when size == 1
     shm: ShmCommunicator | None = field(default=None, repr=False)  # CPU ranks on one node only
     net: TcpCommunicator | None = field(default=None, repr=False)  # CPU ranks on several nodes (TCP + shm teams)
-    links: dict[int, TcpMesh] = field(default_factory=dict, repr=False)  # PP: neighbour stage on another node -> link
+    links: dict[int, TcpMesh] = field(default_factory=dict, repr=False)  # PP: neighbouring stage's rank -> TCP link
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank_in_group < len(self.ranks):
@@ -176,17 +176,13 @@ def init_parallel_context(
     pp_tcp = pp_group.size > 1 and bool(secret)            # CPU PP hand-offs: TCP links (any node), never Gloo
     if device.type == "cpu" and (tp_fast or pp_tcp):     # the same on every rank: all publish their node
         prefix = f"shardserve/{launch_id}"
-        my_host = host_id or _host_id()
-        store.set(f"{prefix}/host/{rank}", my_host)
-
-        def host_of(r: int) -> str:
-            return store.get(f"{prefix}/host/{r}").decode()
-
+        store.set(f"{prefix}/host/{rank}", host_id or _host_id())
+        node_of = [store.get(f"{prefix}/host/{r}").decode() for r in range(world_size)]   # every rank's node
         port = env.collectives_port()
         # SHARDSERVE_COLLECTIVES_PORT: a node's ranks listen on base + their place among the node's ranks (TP),
         # then base + the node's rank count + that place (the link to the next PP stage)
-        mine = [r for r in range(world_size) if host_of(r) == my_host] if port is not None else []
-        hosts = [host_of(r) for r in tp_group.ranks]
+        mine = [r for r in range(world_size) if node_of[r] == node_of[rank]]
+        hosts = [node_of[r] for r in tp_group.ranks]
         if tp_fast and len(set(hosts)) == 1 and use_shm and SHM_SUPPORTED:
             try:
                 tp_group.shm = ShmCommunicator(
@@ -206,13 +202,13 @@ def init_parallel_context(
                 port=port + mine.index(rank) if port is not None else 0, use_shm=use_shm,
                 shm_slot_bytes=shm_slot_bytes)
         if pp_tcp:
-            pp_group.links = _pp_links(pp_group, host_of, store, name=launch_id or "x", secret=secret,
+            pp_group.links = _pp_links(pp_group, node_of[rank], store, name=launch_id or "x", secret=secret,
                                        listen_addr=listen_ip(host_id, master_addr), timeout_s=timeout_s,
                                        port=port + len(mine) + mine.index(rank) if port is not None else 0)
     return ParallelContext(tp=tp_group, pp=pp_group, rank=rank, world_size=world_size, device=device)
 
 
-def _pp_links(pp: ParallelGroup, host_of, store: dist.Store, *, name: str, secret: bytes, listen_addr: str,
+def _pp_links(pp: ParallelGroup, node: str, store: dist.Store, *, name: str, secret: bytes, listen_addr: str,
               timeout_s: float, port: int) -> dict[int, TcpMesh]:
     """TCP links to this rank's neighbouring stages, for the PP hand-offs (send_tensors), keyed by their global
     rank: one round trip's latency where Gloo's send/recv costs several (on one node too). A link is a two-member
@@ -226,7 +222,7 @@ def _pp_links(pp: ParallelGroup, host_of, store: dist.Store, *, name: str, secre
             continue
         first, second = (me, other) if earlier else (other, me)
         links[other] = TcpMesh(0 if earlier else 1, 2, store, f"{name}-pp{first}-{second}", host=listen_addr,
-                               secret=secret, timeout_s=timeout_s, port=port if earlier else 0, node=host_of(me),
+                               secret=secret, timeout_s=timeout_s, port=port if earlier else 0, node=node,
                                labels=[f"rank {first}", f"rank {second}"])
     return links
 

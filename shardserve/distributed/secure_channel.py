@@ -60,10 +60,11 @@ class Channel:
         with self.send_lock:
             header = _U64.pack(len(payload))
             mac = _mac(self.key, self.out_label, _U64.pack(self.send_seq), header, payload)
-            # one segment for a small frame: with TCP_NODELAY a second write would be a second packet
-            frame = [header + mac + payload] if len(payload) < 65536 else [header + mac, payload]
-            for part in frame:
-                self.sock.sendall(part)
+            if len(payload) < 65536:        # one write: with TCP_NODELAY a second would be a second packet
+                self.sock.sendall(header + mac + payload)
+            else:                           # no copy of a large payload
+                self.sock.sendall(header + mac)
+                self.sock.sendall(payload)
             self.send_seq += 1
 
     def recv_bytes(self) -> bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -81,9 +83,6 @@ class RankActor:
         """Start this node's agent process (ray_agent_process), which joins the driver's control port as node
         `node_rank` and runs the node's ranks as a headless node does; returns its pid once it has joined. An
         error names the address this node could not reach. The agent and its workers die with this actor."""
-        import pickle
-        import subprocess
-        import sys
         self.agent = subprocess.Popen([sys.executable, "-m", "shardserve.executor.ray_agent_process"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.agent.stdin.write(pickle.dumps((master_addr, master_port, secret, node_rank, host, timeout_s)))

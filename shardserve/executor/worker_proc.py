@@ -56,13 +56,15 @@ def worker_main(config, dist_init, conn, queue_handle: tuple, env: dict[str, str
     from shardserve.executor.shm_queue import BroadcastReader
     from shardserve.worker.worker import Worker          # after the environment is in place
 
-    if dist_init.reply_to_driver or dist_init.commands_from_driver:
+    if dist_init.reply_to_driver:
         from shardserve.distributed.secure_channel import connect
         conn = connect(dist_init.master_addr, dist_init.master_port, dist_init.secret, dist_init.timeout_s)
         conn.send(("replies", dist_init.rank))
-    # a verified frame from the driver, or the node's ring
-    commands = conn if dist_init.commands_from_driver else BroadcastReader(queue_handle)
-    receive = commands.recv_bytes if dist_init.commands_from_driver else commands.read
+    if dist_init.commands_from_driver:      # verified frames from the driver
+        commands, receive = conn, conn.recv_bytes
+    else:                                   # the node's ring
+        commands = BroadcastReader(queue_handle)
+        receive = commands.read
     worker = Worker(config, dist_init)
     while True:
         method, args = pickle.loads(receive())

@@ -36,8 +36,8 @@ class DistInit:
     secret: bytes = b""               # launch secret for the driver's authenticated store; empty: plain TCPStore
     reply_to_driver: bool = False     # answer on its own connection to the driver's control port, not via its
     #                                   node's agent (the output rank on another node: one relay less per step)
-    commands_from_driver: bool = False  # also take commands on that connection, not from the node's ring (the
-    #                                     one rank of a node: no relay through the agent at all)
+    commands_from_driver: bool = False  # also take commands on that connection (needs reply_to_driver), not
+    #                                     from the node's ring (the one rank of a node: no relay through the agent)
 
 
 class Worker:
@@ -96,14 +96,12 @@ class Worker:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run this stage on the batch; the last stage's tp_rank 0 returns the sampled tokens."""
         ctx = self.ctx
-        intermediate = None
-        if not ctx.pp.is_first:
-            intermediate = recv_tensors(ctx.pp.prev_rank, ctx.pp, ctx.device)
-        out = self.runner.execute(sched, intermediate, sample_here=ctx.tp.is_first)
+        intermediate = None if ctx.pp.is_first else recv_tensors(ctx.pp.prev_rank, ctx.pp, ctx.device)
+        out = self.execute_stage(sched, intermediate)
         if not ctx.pp.is_last:
             send_tensors(out, ctx.pp.next_rank, ctx.pp)
             return None
-        return out if ctx.tp.is_first else None
+        return out
 
     def execute_stage(self, sched: SchedulerOutput, intermediate: dict[str, torch.Tensor] | None
                       ) -> ModelRunnerOutput | dict[str, torch.Tensor] | None:
